@@ -1,0 +1,3 @@
+from neoxconv.cli import main
+
+main()
