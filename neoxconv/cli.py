@@ -1,0 +1,225 @@
+"""neoxconv command line: parse, call, render. Heavy imports (torch, transformers) happen
+inside the commands so `neoxconv --help` stays fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Convert GPT-NeoX checkpoints to and from Hugging Face and Meta Llama at any tensor-parallel "
+         "degree, and prove each conversion numerically.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+_state = {"debug": False}
+
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: auto (keep the source's), fp32, fp16 or bf16.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+ArchOpt = Annotated[str, typer.Option("--arch", help="Model family: auto, gptneox, llama or mistral.")]
+ConfigOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--config", help="NeoX YAML file(s); default: every YAML in the checkpoint's configs/ folder. Repeatable.")]
+QkvOpt = Annotated[Optional[str], typer.Option(
+    "--qkv-layout", help="NeoX fused-QKV layout for GQA models: gqa_blocked (NeoX since 2024-11, default) "
+                         "or gqa_fakehead (NeoX 2024-02..2024-11). MHA models are always interleaved.")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Load pickled inputs with full unpickling (can run code: only for files you trust).")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _family(arch: str) -> str | None:
+    return None if arch == "auto" else arch
+
+
+def _progress(total: int, what: str):
+    """A rich progress bar advanced once per layer group."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+    task = prog.add_task("", total=total)
+
+    def step(label: str) -> None:
+        prog.update(task, advance=1, description=label)
+
+    return prog, step
+
+
+def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, **kw) -> dict:
+    from neoxconv.convert import convert
+    from neoxconv.io import set_trust_pickle
+
+    set_trust_pickle(trust_pickle)
+    holder: dict = {}
+
+    def on_read(ckpt) -> None:
+        holder["prog"], holder["step"] = _progress(len(ckpt.tensors.groups()), f"{ckpt.info['format']} → {to}")
+        holder["prog"].start()
+
+    try:
+        result = convert(src, out, to=to, on_read=on_read, progress=lambda s: holder["step"](s), **kw)
+    finally:
+        if "prog" in holder:
+            holder["prog"].stop()
+    spec = result["spec"]
+    src_ckpt = result["source"]
+    console.print(f"[green]wrote[/green] {out}  ({to}, {spec.family}, {spec.layers} layers, "
+                  f"{src_ckpt.tensors.num_params() / 1e6:.2f}M params, {spec.dtype})")
+    return result
+
+
+@app.command("neox-to-hf")
+def neox_to_hf(
+    ckpt: Annotated[Path, typer.Argument(help="NeoX save dir (with `latest`) or a global_stepN dir.")],
+    out: Annotated[Path, typer.Argument(help="Output Hugging Face model directory (created).")],
+    config: ConfigOpt = None,
+    arch: ArchOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")] = "5GB",
+    trim_vocab_padding: Annotated[bool, typer.Option(help="Drop padded embedding rows beyond the real vocabulary.")] = False,
+    qkv_layout: QkvOpt = None,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Export a GPT-NeoX checkpoint (pipeline or sequential layout, any TP/PP) to Hugging Face."""
+    from neoxconv.io import parse_size
+
+    _run_conversion(ckpt, out, "hf", trust_pickle, src_format="neox", config_files=config, family=_family(arch),
+                    qkv_layout=qkv_layout, force=force, dtype=dtype, max_shard_size=parse_size(max_shard_size),
+                    trim_vocab_padding=trim_vocab_padding)
+
+
+@app.command("hf-to-neox")
+def hf_to_neox(
+    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json + weights).")],
+    out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree to shard for.")] = 1,
+    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree (pipeline layout only).")] = 1,
+    layout: Annotated[str, typer.Option(help="NeoX on-disk layout: pipeline (layer_XX files) or sequential (mp_rank_XX files).")] = "pipeline",
+    neox_schema: Annotated[str, typer.Option(help="NeoX tensor names: current (mlp.linear1/linear2) or legacy (dense_h_to_4h, inv_freq buffers; older NeoX).")] = "current",
+    dtype: DtypeOpt = "auto",
+    vocab_multiple: Annotated[int, typer.Option(help="NeoX make_vocab_size_divisible_by: vocab is padded to a multiple of this × TP.")] = 128,
+    arch: ArchOpt = "auto",
+    qkv_layout: QkvOpt = None,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP."""
+    _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch), qkv_layout=qkv_layout,
+                    force=force, dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema,
+                    vocab_multiple=vocab_multiple)
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Annotated[Path, typer.Argument(help="Any supported checkpoint (format auto-detected).")],
+    out: Annotated[Path, typer.Argument(help="Output directory (created).")],
+    to: Annotated[str, typer.Option("--to", help="Target format: neox, hf or meta.")],
+    tp: Annotated[int, typer.Option("--tp", help="Target TP degree (neox), or number of model-parallel shards (meta).")] = 1,
+    pp: Annotated[int, typer.Option("--pp", help="Target pipeline-parallel degree (neox pipeline layout).")] = 1,
+    layout: Annotated[str, typer.Option(help="NeoX layout: pipeline or sequential.")] = "pipeline",
+    neox_schema: Annotated[str, typer.Option(help="NeoX names: current or legacy.")] = "current",
+    vocab_multiple: Annotated[int, typer.Option(help="NeoX make_vocab_size_divisible_by.")] = 128,
+    config: ConfigOpt = None,
+    arch: ArchOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard (hf target).")] = "5GB",
+    trim_vocab_padding: Annotated[bool, typer.Option(help="Drop padded vocab rows (hf target).")] = False,
+    qkv_layout: QkvOpt = None,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Convert any supported checkpoint to any target, including NeoX → NeoX resharding."""
+    from neoxconv.errors import NeoxconvError
+    from neoxconv.io import parse_size
+
+    if to == "neox":
+        opts = dict(tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple)
+    elif to == "hf":
+        opts = dict(max_shard_size=parse_size(max_shard_size), trim_vocab_padding=trim_vocab_padding)
+    elif to == "meta":
+        opts = dict(shards=tp)
+    else:
+        raise NeoxconvError(f"unknown --to {to!r} (use neox, hf or meta)")
+    _run_conversion(src, out, to, trust_pickle, config_files=config, family=_family(arch), qkv_layout=qkv_layout,
+                    force=force, dtype=dtype, **opts)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="A checkpoint directory of any supported format.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    config: ConfigOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Show format, layout, TP/PP, architecture, dtype, parameter count and the tensors."""
+    from neoxconv.inspect import describe, render
+    from neoxconv.io import set_trust_pickle
+
+    set_trust_pickle(trust_pickle)
+    info = describe(path, config_files=config)
+    if as_json:
+        import json
+
+        print(json.dumps(info, indent=2))
+    else:
+        render(info, out_console)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Optional[Path], typer.Argument(help="Where to keep the demo files (default: a temp dir).")] = None,
+) -> None:
+    """Run the main job on a tiny seeded model: HF → NeoX (TP=2) → HF, logits compared."""
+    from neoxconv.demo import run_demo
+
+    ok = run_demo(out, out_console)
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        rc = app(standalone_mode=False)
+    except SystemExit:
+        raise
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[red]aborted[/red]")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the top level turns every error into one line
+        import click
+
+        from neoxconv.errors import NeoxconvError
+
+        if debug:
+            console.print_exception()
+        if isinstance(e, click.exceptions.UsageError):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, NeoxconvError):
+            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        console.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (run with --debug for a traceback)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(3)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The conversion job shared by every command: read, (reshard), write atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from neoxconv.errors import NeoxconvError
+
+DTYPES = {"auto": None, "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def parse_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise NeoxconvError(f"unknown --dtype {name!r} (use auto, fp32, fp16 or bf16)")
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
+def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, config_files: list[Path] | None = None,
+            family: str | None = None, qkv_layout: str | None = None, force: bool = False, dtype: str = "auto",
+            progress: Callable[[str], None] | None = None, on_read: Callable | None = None,
+            after_write: Callable[[Path, dict], None] | None = None, **write_opts) -> dict:
+    """Convert `src` into a new directory `out` in format `to`. Nothing is left at `out` on failure."""
+    from neoxconv import graph
+    from neoxconv.io import atomic_output_dir
+
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise NeoxconvError(f"{out}: output already exists (pass --force to replace it)")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise NeoxconvError(f"{out}: output must not be the source or inside it")
+    ckpt = graph.read(src, fmt=src_format, config_files=config_files, family=family,
+                      qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
+    if on_read:
+        on_read(ckpt)
+    if to == "neox" and qkv_layout:
+        write_opts["qkv_layout"] = qkv_layout
+    if to == "hf" and family:
+        write_opts["family"] = family
+    with atomic_output_dir(out, force=force) as tmp:
+        result = graph.write(ckpt, to, tmp, progress=progress, dtype=parse_dtype(dtype), **write_opts)
+        result["source"] = ckpt
+        if after_write:
+            after_write(tmp, result)
+    return result

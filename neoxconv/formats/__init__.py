@@ -1,0 +1,1 @@
+"""Format adapters: each reads to and/or writes from the canonical Checkpoint."""

@@ -1,0 +1,210 @@
+"""Hugging Face model directories: config.json + safetensors (sharded with an index above
+--max-shard-size) or pytorch_model*.bin; per-family names come from neoxconv.archs.
+
+Reading is lazy (safetensors are memory-mapped, tensors fetched per layer). Writing streams:
+the shard plan is made from shapes alone, then each layer is loaded, converted and appended,
+and every shard is flushed as soon as it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from neoxconv import archs
+from neoxconv.checkpoint import Checkpoint
+from neoxconv.errors import NeoxconvError
+from neoxconv.io import load_pickle, read_json, write_json
+from neoxconv.reshard import resize_vocab
+from neoxconv.tensormap import Group, TensorMap, group_of
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and bool(_weight_files(path, strict=False))
+
+
+def _weight_files(path: Path, strict: bool = True) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            files = sorted(set(read_json(path / index).get("weight_map", {}).values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing and strict:
+                raise NeoxconvError(f"{path / index}: names {missing[0]}, which does not exist")
+            return [path / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
+    if strict:
+        raise NeoxconvError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+    return []
+
+
+class _Store:
+    """Tensor name -> file, with lazily opened safetensors handles / mmapped pickles."""
+
+    def __init__(self, files: list[Path]):
+        self.where: dict[str, Path] = {}
+        self.metas: dict[str, torch.Tensor] = {}
+        self._open: dict[Path, object] = {}
+        for f in files:
+            if f.suffix == ".safetensors":
+                try:
+                    h = safe_open(str(f), framework="pt")
+                except Exception as e:  # noqa: BLE001
+                    raise NeoxconvError(f"{f}: not a readable safetensors file ({e})") from None
+                self._open[f] = h
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    self.metas[k] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES[sl.get_dtype()], device="meta")
+                    self.where[k] = f
+            else:
+                sd = load_pickle(f)
+                self._open[f] = sd
+                for k, v in sd.items():
+                    if isinstance(v, torch.Tensor):
+                        self.metas[k] = v.to("meta")
+                        self.where[k] = f
+
+    def get(self, name: str) -> torch.Tensor:
+        h = self._open[self.where[name]]
+        return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+
+
+def _real_vocab(path: Path, rows: int) -> int:
+    tok = path / "tokenizer.json"
+    if tok.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            n = Tokenizer.from_file(str(tok)).get_vocab_size(with_added_tokens=True)
+            return min(n, rows)
+        except Exception:  # noqa: BLE001 - an unreadable tokenizer only loses the padding info
+            return rows
+    return rows
+
+
+def read_hf(path: Path, family: str | None = None) -> Checkpoint:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise NeoxconvError(f"{path}: no config.json (not a Hugging Face model directory)")
+    cfg = read_json(path / "config.json")
+    arch = archs.by_family(family) if family else archs.by_hf_config(cfg, str(path / "config.json"))
+    store = _Store(_weight_files(path))
+    heads = cfg.get("num_attention_heads")
+    if not heads:
+        raise NeoxconvError(f"{path / 'config.json'}: num_attention_heads missing")
+    kv = cfg.get("num_key_value_heads") or heads
+    by_group: dict[Group, list[str]] = {}
+    metas: dict[Group, dict[str, torch.Tensor]] = {}
+    for name in store.metas:
+        if arch.is_ignored(name):
+            continue
+        try:
+            canon = arch.to_canonical((heads, kv), {name: store.metas[name]})
+        except KeyError:
+            raise NeoxconvError(f"{store.where[name]}: unexpected tensor {name!r} for {arch.architecture}") from None
+        group = group_of(next(iter(canon)))
+        by_group.setdefault(group, []).append(name)
+        metas.setdefault(group, {}).update(canon)
+    if "embed" not in metas:
+        raise NeoxconvError(f"{path}: no embedding tensor found for {arch.architecture}")
+    order = ["embed", *sorted(g for g in metas if isinstance(g, int)), "final"]
+    metas = {g: _order(metas.get(g, {})) for g in order}
+    shapes = {n: tuple(t.shape) for g in metas.values() for n, t in g.items()}
+    spec = arch.spec_from_config(cfg, shapes)
+    spec = spec.replace(vocab_size=_real_vocab(path, spec.vocab_rows),
+                        dtype=str(metas["embed"]["embed.weight"].dtype).removeprefix("torch."))
+    expected = {f"layers.{i}" for i in range(spec.layers)}
+    have = {".".join(n.split(".")[:2]) for n in shapes if n.startswith("layers.")}
+    if expected - have:
+        raise NeoxconvError(f"{path}: missing tensors of layer {sorted(expected - have)[0].split('.')[1]}")
+
+    def load(group: Group) -> dict[str, torch.Tensor]:
+        return arch.to_canonical((heads, kv), {n: store.get(n) for n in by_group.get(group, [])})
+
+    info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0}
+    return Checkpoint(spec, TensorMap(metas, load), info)
+
+
+def _order(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(sorted(d.items()))
+
+
+def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 10**9,
+             trim_vocab_padding: bool = False, family: str | None = None,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Write an HF directory into `out` (exists, empty). Returns a summary."""
+    spec = ckpt.spec
+    if family and family != spec.family:
+        spec = spec.replace(family=family)
+    arch = archs.by_family(spec.family)
+    out_dtype = dtype or getattr(torch, spec.dtype)
+    rows = spec.vocab_size if trim_vocab_padding else spec.vocab_rows
+    out_spec = spec.replace(vocab_rows=rows, dtype=str(out_dtype).removeprefix("torch."))
+    config = arch.config_from_spec(out_spec)  # validates the family can hold this model first
+
+    def to_hf(group: Group, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t = {k: v.to(out_dtype) for k, v in t.items()}
+        for name in ("embed.weight", "lm_head.weight"):
+            if name in t:
+                t[name] = resize_vocab(t[name], rows, spec.vocab_size)
+        if arch.family == "gptneox" and not spec.mlp_bias and isinstance(group, int):
+            # HF GPTNeoX always has MLP biases: zeros reproduce a bias-free MLP exactly.
+            t[f"layers.{group}.mlp.up.bias"] = torch.zeros(spec.intermediate, dtype=out_dtype, device=t[f"layers.{group}.mlp.up.weight"].device)
+            t[f"layers.{group}.mlp.down.bias"] = torch.zeros(spec.hidden, dtype=out_dtype, device=t[f"layers.{group}.mlp.down.weight"].device)
+        return arch.from_canonical(out_spec, t)
+
+    # Plan: HF names and sizes per group from metas alone, then pack shards in order.
+    groups = ckpt.tensors.groups()
+    plan: list[tuple[str, int]] = []
+    for g in groups:
+        for name, t in to_hf(g, ckpt.tensors.metas(g)).items():
+            plan.append((name, t.numel() * t.element_size()))
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in plan:
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    shard_of = {name: i for i, s in enumerate(shards) for name in s}
+    pending: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    written = 0
+    for g in groups:
+        for name, t in to_hf(g, ckpt.tensors.load_group(g)).items():
+            i = shard_of[name]
+            pending[i][name] = t.contiguous()
+            if len(pending[i]) == len(shards[i]):
+                save_file(pending[i], str(out / names[i]), metadata={"format": "pt"})
+                pending[i] = {}
+                written += 1
+        if progress:
+            progress(f"layer {g}" if isinstance(g, int) else str(g))
+    assert written == n, "every planned shard must be written"
+    if n > 1:
+        write_json(out / "model.safetensors.index.json", {
+            "metadata": {"total_size": sum(b for _, b in plan)},
+            "weight_map": {name: names[shard_of[name]] for name, _ in plan},
+        })
+    import transformers
+
+    dtype_name = str(out_dtype).removeprefix("torch.")
+    bos, eos = (0, 0) if spec.family == "gptneox" else (1, 2)
+    config.update({"bos_token_id": bos, "eos_token_id": eos, "dtype": dtype_name, "torch_dtype": dtype_name,
+                   "transformers_version": transformers.__version__})
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos,
+                                                "transformers_version": transformers.__version__})
+    return {"shards": n, "vocab_rows": rows, "spec": out_spec, "config": config}

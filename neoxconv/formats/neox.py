@@ -1,0 +1,378 @@
+"""GPT-NeoX checkpoints <-> canonical: names per schema, per-rank fusing, TP split/merge.
+
+Stored names (neox-formats.md §2.1), per transformer layer:
+
+| canonical           | current schema             | legacy schema                          |
+|---------------------|----------------------------|----------------------------------------|
+| attn_norm           | input_layernorm.*          | same                                   |
+| mlp_norm            | post_attention_layernorm.* | same                                   |
+| attn.{q,k,v} fused  | attention.query_key_value.*| same                                   |
+| attn.o              | attention.dense.*          | same                                   |
+| mlp.up (+gate)      | mlp.linear1.* ([up; gate]) | mlp.dense_h_to_4h.* / gated: w3 (up), w1 (gate) |
+| mlp.down            | mlp.linear2.*              | mlp.dense_4h_to_h.* / gated: w2        |
+| (rotary buffer)     | -                          | attention.rotary_emb.inv_freq          |
+
+Norm params are `weight`/`bias` for LayerNorm and `scale` for RMSNorm.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from neoxconv.checkpoint import Checkpoint
+from neoxconv.errors import NeoxconvError
+from neoxconv.formats.neox_config import neox_yaml
+from neoxconv.formats.neox_files import NeoxFiles, open_neox
+from neoxconv.fusing import QKV_LAYOUTS, fuse_gated, fuse_qkv, split_gated, split_qkv
+from neoxconv.io import owned, save_pickle
+from neoxconv.reshard import merge, padded_vocab, resize_vocab, role_of, split
+from neoxconv.spec import ModelSpec
+from neoxconv.tensormap import Group, TensorMap
+
+SCHEMAS = ("current", "legacy")
+LAYOUTS = ("pipeline", "sequential")
+SIDECAR = "neoxconv.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# names and per-rank (un)fusing
+
+
+def _norm_param(spec_norm: str, p: str) -> str:
+    return "scale" if spec_norm == "rmsnorm" else p
+
+
+def _mlp_names(schema: str, gated: bool) -> dict[str, str]:
+    if schema == "current":
+        return {"in": "mlp.linear1", "down": "mlp.linear2"}
+    if gated:
+        return {"up": "mlp.w3", "gate": "mlp.w1", "down": "mlp.w2"}
+    return {"in": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
+
+
+def detect_schema(layer_keys: set[str], where: str) -> str:
+    if any(k.startswith("mlp.linear1.") for k in layer_keys):
+        return "current"
+    if any(k.startswith(("mlp.dense_h_to_4h.", "mlp.w1.")) for k in layer_keys):
+        return "legacy"
+    if any("fc1_weight" in k or k.startswith("attention.qkv.") for k in layer_keys):
+        raise NeoxconvError(f"{where}: Transformer Engine parameter names are not supported yet")
+    raise NeoxconvError(f"{where}: cannot tell the NeoX naming schema (no mlp.linear1 / dense_h_to_4h / w1)")
+
+
+def layer_to_rank(spec: ModelSpec, t: dict[str, torch.Tensor], tp: int, schema: str, qkv_layout: str,
+                  inv_freq: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One rank's stored tensors from that rank's canonical pieces (leaf names, no layers.i.)."""
+    out: dict[str, torch.Tensor] = {}
+    for canon, stored in (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
+        for p in ("weight", "bias"):
+            if f"{canon}.{p}" in t:
+                out[f"{stored}.{_norm_param(spec.norm, p)}"] = t[f"{canon}.{p}"]
+    for p in ("weight", "bias"):
+        if f"attn.q.{p}" in t:
+            out[f"attention.query_key_value.{p}"] = fuse_qkv(
+                t[f"attn.q.{p}"], t[f"attn.k.{p}"], t[f"attn.v.{p}"], spec.heads // tp, spec.kv_heads // tp, qkv_layout)
+    if inv_freq is not None:
+        out["attention.rotary_emb.inv_freq"] = inv_freq
+    for p in ("weight", "bias"):
+        if f"attn.o.{p}" in t:
+            out[f"attention.dense.{p}"] = t[f"attn.o.{p}"]
+    names = _mlp_names(schema, spec.gated)
+    for p in ("weight", "bias"):
+        if f"mlp.up.{p}" not in t:
+            continue
+        if "in" in names:
+            out[f"{names['in']}.{p}"] = fuse_gated(t[f"mlp.up.{p}"], t[f"mlp.gate.{p}"]) if spec.gated else t[f"mlp.up.{p}"]
+        else:
+            out[f"{names['up']}.{p}"] = t[f"mlp.up.{p}"]
+            out[f"{names['gate']}.{p}"] = t[f"mlp.gate.{p}"]
+    for p in ("weight", "bias"):
+        if f"mlp.down.{p}" in t:
+            out[f"{names['down']}.{p}"] = t[f"mlp.down.{p}"]
+    return out
+
+
+def rank_to_layer(spec: ModelSpec, s: dict[str, torch.Tensor], tp: int, schema: str, qkv_layout: str) -> dict[str, torch.Tensor]:
+    """Inverse of layer_to_rank: canonical pieces of one rank (leaf names)."""
+    out: dict[str, torch.Tensor] = {}
+    for canon, stored in (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
+        for p in ("weight", "bias"):
+            key = f"{stored}.{_norm_param(spec.norm, p)}"
+            if key in s and not (spec.norm == "rmsnorm" and p == "bias"):
+                out[f"{canon}.{p}"] = s[key]
+    for p in ("weight", "bias"):
+        key = f"attention.query_key_value.{p}"
+        if key in s:
+            q, k, v = split_qkv(s[key], spec.heads // tp, spec.kv_heads // tp, qkv_layout)
+            out[f"attn.q.{p}"], out[f"attn.k.{p}"], out[f"attn.v.{p}"] = q, k, v
+        if f"attention.dense.{p}" in s:
+            out[f"attn.o.{p}"] = s[f"attention.dense.{p}"]
+    names = _mlp_names(schema, spec.gated)
+    for p in ("weight", "bias"):
+        if "in" in names and f"{names['in']}.{p}" in s:
+            x = s[f"{names['in']}.{p}"]
+            if spec.gated:
+                out[f"mlp.up.{p}"], out[f"mlp.gate.{p}"] = split_gated(x)
+            else:
+                out[f"mlp.up.{p}"] = x
+        elif "up" in names and f"{names['up']}.{p}" in s:
+            out[f"mlp.up.{p}"] = s[f"{names['up']}.{p}"]
+            out[f"mlp.gate.{p}"] = s[f"{names['gate']}.{p}"]
+        if f"{names['down']}.{p}" in s:
+            out[f"mlp.down.{p}"] = s[f"{names['down']}.{p}"]
+    return out
+
+
+def inv_freq(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    """NeoX's rotary buffer 1/base^(2i/r), computed in fp32, then cast (§4.4)."""
+    r = spec.rotary_dims
+    return (1.0 / (spec.rotary_base ** (torch.arange(0, r, 2, dtype=torch.float32) / r))).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _family(args: dict, gated: bool, rms: bool) -> str:
+    if args.get("sliding_window_width"):
+        return "mistral"
+    if gated or rms:
+        return "llama"
+    return "gptneox"
+
+
+_ACT = {"gelu": "gelu", "relu": "relu", "swiglu": "silu"}
+
+
+def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vocab_size: int | None) -> tuple[ModelSpec, str, str]:
+    a = nf.args
+    where = nf.tag_dir
+    emb = nf.rank_states(0)
+    if "position_embeddings.weight" in emb[0]:
+        raise NeoxconvError(f"{nf.file_for(0)}: learned position embeddings are not supported (only rotary)")
+    if a.get("pos_emb", "rotary") != "rotary":
+        raise NeoxconvError(f"{where}: pos_emb {a['pos_emb']!r} is not supported (only rotary)")
+    for key, bad in (("gpt_j_tied", True), ("use_qk_layernorm", True), ("use_mup", True)):
+        if a.get(key) == bad:
+            raise NeoxconvError(f"{where}: `{key}: {bad}` is not supported (Hugging Face has no equivalent)")
+    if int(a.get("moe_num_experts") or 1) > 1:
+        raise NeoxconvError(f"{where}: mixture-of-experts checkpoints are not supported")
+    if "num_attention_heads" not in a:
+        raise NeoxconvError(f"{where}: num_attention_heads is unknown: no NeoX YAML in configs/; pass --config FILE")
+    act_name = a.get("activation", "gelu")
+    if act_name not in _ACT:
+        raise NeoxconvError(f"{where}: activation {act_name!r} is not supported (supported: {', '.join(_ACT)})")
+    activation = _ACT[act_name]
+    if activation == "gelu" and a.get("bias_gelu_fusion"):
+        activation = "gelu_tanh"
+    tp = nf.tp
+    layer = nf.rank_states(2)[0]
+    schema = detect_schema(set(layer), str(nf.file_for(2)))
+    norm_kind = "rmsnorm" if "input_layernorm.scale" in layer else "layernorm"
+    vocab_rows = emb[0]["word_embeddings.weight"].shape[0] * tp
+    hidden = emb[0]["word_embeddings.weight"].shape[1]
+    heads = int(a["num_attention_heads"])
+    kv = int(a.get("num_kv_heads") or heads)
+    d = hidden // heads
+    qkv_rows = layer["attention.query_key_value.weight"].shape[0] * tp
+    if qkv_rows != (heads + 2 * kv) * d:
+        raise NeoxconvError(f"{nf.file_for(2)}: query_key_value has {qkv_rows} rows over {tp} rank(s); "
+                            f"{heads} heads / {kv} KV heads of size {d} need {(heads + 2 * kv) * d}")
+    if kv == heads:
+        layout = "mha_interleaved"
+    else:
+        layout = qkv_layout or "gqa_blocked"
+        if layout == "mha_interleaved":
+            raise NeoxconvError(f"{where}: --qkv-layout mha_interleaved cannot hold {kv} KV heads for {heads} heads")
+    if qkv_layout and qkv_layout != layout and kv == heads:
+        raise NeoxconvError(f"{where}: --qkv-layout {qkv_layout} given, but the model has as many KV heads as heads "
+                            "(NeoX stores that interleaved)")
+    down = layer.get("mlp.linear2.weight", layer.get("mlp.dense_4h_to_h.weight", layer.get("mlp.w2.weight")))
+    gated = act_name == "swiglu"
+    rms = norm_kind == "rmsnorm"
+    fam = family or _family(a, gated, rms)
+    tied = (nf.num_layers + 4) not in nf.indices
+    eps = float(a.get("rms_norm_epsilon", 1e-8)) if rms else float(a.get("layernorm_epsilon", 1e-5))
+    spec = ModelSpec(
+        family=fam,
+        hidden=hidden,
+        layers=nf.num_layers,
+        heads=heads,
+        kv_heads=kv,
+        intermediate=down.shape[1] * tp,
+        vocab_rows=vocab_rows,
+        vocab_size=min(vocab_size or vocab_rows, vocab_rows),
+        norm=norm_kind,
+        norm_eps=eps,
+        activation=activation,
+        rotary_pct=float(a.get("rotary_pct", 1.0)),
+        rotary_base=float(a.get("rotary_emb_base", 10000)),
+        parallel_residual=bool(a.get("gpt_j_residual", False)),
+        tied=tied,
+        attn_bias="attention.query_key_value.bias" in layer,
+        mlp_bias=any(k.startswith("mlp.") and k.endswith(".bias") for k in layer),
+        max_positions=int(a.get("max_position_embeddings") or a.get("seq_length") or 2048),
+        sliding_window=int(a["sliding_window_width"]) if a.get("sliding_window_width") else None,
+        dtype=str(emb[0]["word_embeddings.weight"].dtype).removeprefix("torch."),
+    )
+    return spec, schema, layout
+
+
+def read_neox(path: Path, config_files: list[Path] | None = None, family: str | None = None,
+              qkv_layout: str | None = None) -> Checkpoint:
+    nf = open_neox(path, config_files)
+    sidecar = nf.tag_dir / SIDECAR
+    extra = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    vocab_size = extra.get("vocab_size")
+    tok = _tokenizer_size(nf)
+    if tok:
+        vocab_size = tok
+    spec, schema, layout = spec_from_neox(nf, family, qkv_layout, vocab_size)
+    nf.qkv_layout = layout
+    L, tp = spec.layers, nf.tp
+
+    def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:
+        def states(idx: int) -> list[dict[str, torch.Tensor]]:
+            s = nf.rank_states(idx)
+            return [{k: v.to("meta") for k, v in d.items()} for d in s] if meta else s
+
+        if group == "embed":
+            return {"embed.weight": merge([s["word_embeddings.weight"] for s in states(0)], "vocab", False)}
+        if group == "final":
+            norm = states(L + 3)
+            out = {}
+            for p in ("weight", "bias"):
+                key = f"norm.{_norm_param(spec.norm, p)}"
+                if key in norm[0] and not (spec.norm == "rmsnorm" and p == "bias"):
+                    out[f"final_norm.{p}"] = merge([s[key] for s in norm], "replicated", False)
+            if not spec.tied:
+                out["lm_head.weight"] = merge([s["final_linear.weight"] for s in states(L + 4)], "vocab", False)
+            return out
+        pieces = [rank_to_layer(spec, s, tp, schema, layout) for s in states(group + 2)]
+        return {f"layers.{group}.{leaf}": merge([p[leaf] for p in pieces], role_of(f"layers.0.{leaf}"),
+                                                 spec.parallel_residual) for leaf in pieces[0]}
+
+    groups: list[Group] = ["embed", *range(L), "final"]
+    metas = {g: load(g, meta=True) for g in groups}
+    tensors = TensorMap(metas, load)
+    info = {"format": "neox", "path": str(nf.tag_dir), "layout": nf.layout, "tp": tp, "pp": nf.pp,
+            "iteration": nf.iteration, "schema": schema, "qkv_layout": layout, "neox_args": nf.args,
+            "config_files": [str(p) for p in nf.config_files], "files": nf}
+    return Checkpoint(spec, tensors, info)
+
+
+def _tokenizer_size(nf: NeoxFiles) -> int | None:
+    try:
+        from neoxconv.tokenizer import find_neox_tokenizer, tokenizer_size
+    except ImportError:
+        return None
+    path = find_neox_tokenizer(nf.args, nf.tag_dir)
+    return tokenizer_size(path) if path else None
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def write_neox(ckpt: Checkpoint, out: Path, *, tp: int, pp: int = 1, layout: str = "pipeline",
+               schema: str = "current", dtype: torch.dtype | None = None, vocab_multiple: int = 128,
+               qkv_layout: str | None = None, progress: Callable[[str], None] | None = None,
+               extra_yaml: dict | None = None) -> dict:
+    """Write a NeoX checkpoint into `out` (a fresh directory). Streams one group at a time."""
+    spec = ckpt.spec
+    if layout not in LAYOUTS:
+        raise NeoxconvError(f"unknown layout {layout!r} (use pipeline or sequential)")
+    if schema not in SCHEMAS:
+        raise NeoxconvError(f"unknown NeoX schema {schema!r} (use current or legacy)")
+    spec.check_tp(tp)
+    if pp < 1 or (layout == "sequential" and pp != 1):
+        raise NeoxconvError(f"--pp {pp} is not possible with the {layout} layout" if layout == "sequential"
+                            else f"--pp must be at least 1, got {pp}")
+    if pp > spec.layers:
+        raise NeoxconvError(f"--pp {pp} is larger than the {spec.layers} layers")
+    if qkv_layout and qkv_layout not in QKV_LAYOUTS:
+        raise NeoxconvError(f"unknown --qkv-layout {qkv_layout!r} (known: {', '.join(QKV_LAYOUTS)})")
+    if spec.gqa:
+        layout_qkv = qkv_layout or "gqa_blocked"
+        if layout_qkv == "mha_interleaved":
+            raise NeoxconvError(f"--qkv-layout mha_interleaved cannot hold {spec.kv_heads} KV heads for {spec.heads} heads")
+    else:
+        layout_qkv = "mha_interleaved"  # NeoX reads kv == heads through the MHA path (T8)
+    rows = padded_vocab(spec.vocab_size, vocab_multiple, tp)
+    out_dtype = dtype or getattr(torch, spec.dtype)
+    iteration = int(ckpt.info.get("iteration") or 0)
+    tag = f"global_step{iteration}"
+    tag_dir = out / tag
+    tag_dir.mkdir(parents=True)
+    L = spec.layers
+    freq = inv_freq(spec, out_dtype) if schema == "legacy" else None
+    modules: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+
+    def emit(idx: int, per_rank: list[dict[str, torch.Tensor]]) -> None:
+        for r, sd in enumerate(per_rank):
+            sd = {k: owned(v) for k, v in sd.items()}
+            if layout == "pipeline":
+                save_pickle(sd, tag_dir / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+            else:
+                modules[r].update({f"sequential.{idx}.{k}": v for k, v in sd.items()})
+
+    def cast(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(out_dtype) for k, v in t.items()}
+
+    for group in ckpt.tensors.groups():
+        t = cast(ckpt.tensors.load_group(group))
+        if group == "embed":
+            parts = split(resize_vocab(t["embed.weight"], rows, spec.vocab_size), "vocab", tp, False)
+            emit(0, [{"word_embeddings.weight": p} for p in parts])
+        elif group == "final":
+            norm = {p: split(t[f"final_norm.{p}"], "replicated", tp, False) for p in ("weight", "bias") if f"final_norm.{p}" in t}
+            emit(L + 3, [{f"norm.{_norm_param(spec.norm, p)}": v[r] for p, v in norm.items()} for r in range(tp)])
+            if not spec.tied:
+                parts = split(resize_vocab(t["lm_head.weight"], rows, spec.vocab_size), "vocab", tp, False)
+                emit(L + 4, [{"final_linear.weight": p} for p in parts])
+        else:
+            prefix = f"layers.{group}."
+            pieces = {k[len(prefix):]: split(v, role_of(k), tp, spec.parallel_residual) for k, v in t.items()}
+            emit(group + 2, [layer_to_rank(spec, {k: v[r] for k, v in pieces.items()}, tp, schema, layout_qkv, freq)
+                             for r in range(tp)])
+        if progress:
+            progress(f"layer {group}" if isinstance(group, int) else str(group))
+
+    _write_mp_rank_files(tag_dir, tp, pp, layout, iteration, modules, schema)
+    out_spec = spec.replace(vocab_rows=rows, dtype=str(out_dtype).removeprefix("torch."))
+    (tag_dir / "configs").mkdir()
+    yaml_text = neox_yaml(out_spec, tp=tp, pp=pp, layout=layout, vocab_multiple=vocab_multiple, schema=schema,
+                          dtype=out_spec.dtype, extra=extra_yaml, source=ckpt.info.get("format", ""))
+    (tag_dir / "configs" / "neoxconv.yml").write_text(yaml_text)
+    (tag_dir / SIDECAR).write_text(json.dumps({"vocab_size": spec.vocab_size, "qkv_layout": layout_qkv,
+                                               "schema": schema}, indent=2) + "\n")
+    (out / "latest").write_text(tag)
+    return {"tag": tag, "vocab_rows": rows, "qkv_layout": layout_qkv, "spec": out_spec}
+
+
+def _write_mp_rank_files(tag_dir: Path, tp: int, pp: int, layout: str, iteration: int,
+                         modules: list[dict], schema: str) -> None:
+    """DeepSpeed's model-states files (§1.4, §1.6): PP*TP with module=None in pipeline mode
+    (mp = stage*TP + tp, T2), TP with the `sequential.*` module otherwise."""
+    count = pp * tp if layout == "pipeline" else tp
+    for mp in range(count):
+        module = None if layout == "pipeline" else modules[mp]
+        buffers = [k for k in (module or {}) if k.endswith("rotary_emb.inv_freq")]
+        state = {
+            "module": module,
+            "buffer_names": buffers,
+            "optimizer": None,
+            "lr_scheduler": None,
+            "sparse_tensor_module_names": [],
+            "skipped_steps": 0,
+            "global_steps": iteration,
+            "global_samples": 0,
+            "dp_world_size": 1,
+            "mp_world_size": count,
+            "iteration": iteration,
+        }
+        save_pickle(state, tag_dir / f"mp_rank_{mp:02d}_model_states.pt")

@@ -1,0 +1,137 @@
+"""NeoX YAML configs: read and merge several files; write one complete file.
+
+NeoX replaces '-' by '_' in top-level keys, so both spellings mean the same key (§5.1).
+Values that disagree across files are an error naming both files. PyYAML reads `1e-5` (no
+dot) as a string (T12): numeric-looking strings are turned into numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from neoxconv import __version__
+from neoxconv.errors import NeoxconvError
+from neoxconv.spec import ModelSpec
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _fix_number(value):
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        v = float(value)
+        return int(v) if v.is_integer() and "e" not in value.lower() and "." not in value else v
+    return value
+
+
+def normalise(raw: dict, where: Path) -> dict:
+    out: dict = {}
+    for key, value in raw.items():
+        k = str(key).replace("-", "_")
+        if k in out and out[k] != value:
+            raise NeoxconvError(f"{where}: key {key!r} given twice with different values ({out[k]!r} vs {value!r})")
+        out[k] = _fix_number(value)
+    return out
+
+
+def read_configs(files: list[Path]) -> tuple[dict, list[Path]]:
+    """Merge NeoX YAML files; conflicting values are an error naming both files."""
+    merged: dict = {}
+    origin: dict[str, Path] = {}
+    for f in files:
+        try:
+            raw = yaml.safe_load(Path(f).read_text()) or {}
+        except FileNotFoundError:
+            raise NeoxconvError(f"{f}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise NeoxconvError(f"{f}: invalid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise NeoxconvError(f"{f}: a NeoX config must be a YAML mapping")
+        for k, v in normalise(raw, Path(f)).items():
+            if k in merged and merged[k] != v:
+                raise NeoxconvError(f"{f}: {k} = {v!r} conflicts with {merged[k]!r} in {origin[k]}")
+            merged[k] = v
+            origin[k] = Path(f)
+    return merged, list(files)
+
+
+def find_config_files(tag_dir: Path) -> list[Path]:
+    """YAMLs NeoX copied into global_stepN/configs/, or <save>/configs/ (the 20B release)."""
+    for d in (tag_dir / "configs", tag_dir.parent / "configs"):
+        if d.is_dir():
+            files = sorted(p for p in d.iterdir() if p.suffix in (".yml", ".yaml"))
+            if files:
+                return files
+    return []
+
+
+NEOX_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu", "relu": "relu", "silu": "swiglu"}
+
+
+def neox_yaml(spec: ModelSpec, *, tp: int, pp: int, layout: str, vocab_multiple: int, schema: str,
+              dtype: str, extra: dict | None = None, source: str = "") -> str:
+    """One complete NeoX YAML that rebuilds exactly these shapes and numerics for finetuning."""
+    cfg: dict = {
+        "pipe_parallel_size": pp if layout == "pipeline" else 0,
+        "model_parallel_size": tp,
+        "num_layers": spec.layers,
+        "hidden_size": spec.hidden,
+        "num_attention_heads": spec.heads,
+    }
+    if spec.gqa:
+        cfg["num_kv_heads"] = spec.kv_heads
+    cfg.update({
+        "seq_length": spec.max_positions,
+        "max_position_embeddings": spec.max_positions,
+        "pos_emb": "rotary",
+        "rotary_pct": spec.rotary_pct,
+        "rotary_emb_base": int(spec.rotary_base) if float(spec.rotary_base).is_integer() else spec.rotary_base,
+        "norm": spec.norm,
+    })
+    if spec.norm == "layernorm":
+        cfg["layernorm_epsilon"] = spec.norm_eps
+    else:
+        cfg["rms_norm_epsilon"] = spec.norm_eps
+    cfg.update({
+        "gpt_j_residual": spec.parallel_residual,
+        "gpt_j_tied": False,
+        "no_weight_tying": not spec.tied,
+        "activation": NEOX_ACTIVATION[spec.activation],
+        "bias_gelu_fusion": spec.activation == "gelu_tanh",
+        "use_bias_in_attn_linear": spec.attn_bias,
+        "use_bias_in_mlp": spec.mlp_bias,
+    })
+    if schema == "current":
+        # Current ParallelMLP: gated F1 = int(I*2/3), F2 = F1//2, rounded to mlp_multiple_of (§5.3).
+        # I = 3*F gives F1 = 2F, F2 = F exactly with mlp_multiple_of 1.
+        cfg["intermediate_size"] = 3 * spec.intermediate if spec.gated else spec.intermediate
+        cfg["mlp_multiple_of"] = 1
+    else:
+        cfg["intermediate_size"] = spec.intermediate
+    cfg["make_vocab_size_divisible_by"] = vocab_multiple
+    if spec.sliding_window:
+        cfg["sliding_window_width"] = spec.sliding_window
+        cfg["attention_config"] = [[["flash"], spec.layers]]  # NeoX applies SWA only with flash
+    if dtype == "float16":
+        cfg["precision"] = "fp16"
+        cfg["fp16"] = {"enabled": True}
+    elif dtype == "bfloat16":
+        cfg["precision"] = "bfloat16"
+        cfg["bf16"] = {"enabled": True}
+    else:
+        cfg["precision"] = "fp32"
+    if schema == "legacy":
+        cfg["rotary_save_freqs_buffer"] = True
+    # A converted checkpoint has no optimizer or RNG state: load it as a finetune start.
+    cfg["finetune"] = True
+    cfg["no_load_optim"] = True
+    cfg["no_load_rng"] = True
+    if extra:
+        cfg.update(extra)
+    header = (f"# GPT-NeoX config written by neoxconv {__version__}{' from ' + source if source else ''}.\n"
+              f"# Layout: {layout}, TP={tp}, PP={cfg['pipe_parallel_size']}, names: {schema} schema.\n"
+              "# Merge your data/optimizer/training settings into this file; keep the model keys.\n")
+    body = yaml.safe_dump({k.replace("_", "-"): v for k, v in cfg.items()}, sort_keys=False, default_flow_style=None)
+    return header + body

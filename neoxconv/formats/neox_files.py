@@ -1,0 +1,207 @@
+"""Raw access to a GPT-NeoX/DeepSpeed checkpoint as stored: per pipeline-spec index, per TP rank.
+
+Two on-disk layouts (neox-formats.md §1), detected from the files, never from the YAML (T3):
+
+- pipeline: `global_stepN/layer_XX-model_YY-model_states.pt`, one file per spec index per TP
+  rank (embedding 0, layer i at i+2, final norm L+3, untied head L+4), plus PP*TP
+  `mp_rank_XX_model_states.pt` files with `module=None` (T1, T2).
+- sequential: one `mp_rank_XX_model_states.pt` per TP rank whose `module` holds
+  `sequential.{idx}.{name}` keys.
+
+`NeoxFiles.rank_states(idx)` hands out what the reference forward and the adapter need; it
+knows nothing about tensor semantics.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from neoxconv.errors import NeoxconvError
+from neoxconv.formats.neox_config import find_config_files, read_configs
+from neoxconv.io import load_pickle
+
+LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+SEQ_KEY = re.compile(r"^sequential\.(\d+)\.(.+)$")
+
+
+def resolve_tag_dir(path: Path) -> Path:
+    """CKPT may be a save dir with `latest`, a global_stepN dir, or a save dir with one tag."""
+    path = Path(path)
+    if not path.exists():
+        raise NeoxconvError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise NeoxconvError(f"{path}: expected a NeoX checkpoint directory, got a file")
+    if _has_model_files(path):
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        tag_dir = path / tag
+        if not tag_dir.is_dir():
+            raise NeoxconvError(f"{latest}: names tag {tag!r}, but {tag_dir} does not exist")
+        if not _has_model_files(tag_dir):
+            raise NeoxconvError(f"{tag_dir}: no layer_*-model_*-model_states.pt or mp_rank_*_model_states.pt files")
+        return tag_dir
+    tags = sorted(p for p in path.iterdir() if p.is_dir() and _has_model_files(p))
+    if len(tags) == 1:
+        return tags[0]
+    if tags:
+        raise NeoxconvError(f"{path}: several checkpoints ({', '.join(t.name for t in tags)}) and no `latest` file; pass one of them")
+    raise NeoxconvError(f"{path}: not a NeoX checkpoint (no `latest`, no layer_*/mp_rank_* model files)")
+
+
+def _has_model_files(d: Path) -> bool:
+    return any(LAYER_FILE.match(p.name) or MP_FILE.match(p.name) for p in d.iterdir())
+
+
+@dataclass
+class NeoxFiles:
+    tag_dir: Path
+    layout: str  # "pipeline" | "sequential"
+    tp: int
+    pp: int
+    iteration: int
+    args: dict  # merged NeoX YAML, underscore keys
+    config_files: list[Path]
+    indices: list[int]  # spec indices present
+    _files: dict[tuple[int, int], Path] = field(default_factory=dict, repr=False)  # pipeline (idx, rank)
+    _modules: list[dict] | None = field(default=None, repr=False)  # sequential, per rank
+    _cache: tuple[int, list[dict]] | None = field(default=None, repr=False)
+    num_layers: int = 0
+    qkv_layout: str = "mha_interleaved"  # set by the adapter once heads are known
+
+    def rank_states(self, idx: int) -> list[dict[str, torch.Tensor]]:
+        """Tensors of spec index `idx`, one dict per TP rank, names without `sequential.N.`."""
+        if self._cache and self._cache[0] == idx:
+            return self._cache[1]
+        if idx not in self.indices:
+            raise KeyError(idx)
+        if self.layout == "pipeline":
+            states = []
+            for r in range(self.tp):
+                sd = load_pickle(self._files[(idx, r)])
+                if not isinstance(sd, dict):
+                    raise NeoxconvError(f"{self._files[(idx, r)]}: expected a dict of tensors")
+                states.append({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+        else:
+            prefix = f"sequential.{idx}."
+            states = [{k[len(prefix):]: v for k, v in mod.items() if k.startswith(prefix)} for mod in self._modules]
+        self._cache = (idx, states)
+        return states
+
+    def file_for(self, idx: int, rank: int = 0) -> Path:
+        if self.layout == "pipeline":
+            return self._files[(idx, rank)]
+        return self.tag_dir / f"mp_rank_{rank:02d}_model_states.pt"
+
+
+def open_neox(path: Path, config_files: list[Path] | None = None) -> NeoxFiles:
+    tag_dir = resolve_tag_dir(Path(path))
+    configs = list(config_files or []) or find_config_files(tag_dir)
+    args, used = read_configs(configs) if configs else ({}, [])
+    names = [p.name for p in tag_dir.iterdir()]
+    layer_files = [(int(m[1]), int(m[2]), tag_dir / n) for n in names if (m := LAYER_FILE.match(n))]
+    mp_files = sorted((int(m[1]), tag_dir / n) for n in names if (m := MP_FILE.match(n)))
+    iteration = _iteration(tag_dir, mp_files)
+    if layer_files:
+        return _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration)
+    return _open_sequential(tag_dir, mp_files, args, used, iteration)
+
+
+def _iteration(tag_dir: Path, mp_files: list) -> int:
+    m = re.search(r"(\d+)$", tag_dir.name)
+    return int(m[1]) if m else 0
+
+
+def _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration) -> NeoxFiles:
+    by_idx: dict[int, dict[int, Path]] = {}
+    for idx, rank, p in layer_files:
+        by_idx.setdefault(idx, {})[rank] = p
+    tp = len(by_idx.get(0, {}))
+    if 0 not in by_idx:
+        raise NeoxconvError(f"{tag_dir}: missing layer_00-model_00-model_states.pt (the embedding)")
+    for idx, ranks in sorted(by_idx.items()):
+        if sorted(ranks) != list(range(tp)):
+            have = ", ".join(f"model_{r:02d}" for r in sorted(ranks))
+            raise NeoxconvError(f"{tag_dir}: layer_{idx:02d} has {len(ranks)} TP file(s) ({have}), "
+                                f"expected {tp} like layer_00")
+    declared_tp = args.get("model_parallel_size")
+    if declared_tp and int(declared_tp) != tp:
+        raise NeoxconvError(f"{tag_dir}: {tp} TP file(s) per layer, but the config says model_parallel_size {declared_tp}")
+    files = {(idx, r): p for idx, ranks in by_idx.items() for r, p in ranks.items()}
+    pp = max(1, len(mp_files) // tp) if mp_files else int(args.get("pipe_parallel_size") or 1)
+    nf = NeoxFiles(tag_dir, "pipeline", tp, pp, iteration, args, used, sorted(by_idx), _files=files)
+    nf.num_layers = _check_indices(nf, lambda idx: f"layer_{idx:02d}-model_00-model_states.pt")
+    return nf
+
+
+def _open_sequential(tag_dir, mp_files, args, used, iteration) -> NeoxFiles:
+    if not mp_files:
+        raise NeoxconvError(f"{tag_dir}: no mp_rank_XX_model_states.pt files")
+    ranks = [r for r, _ in mp_files]
+    if ranks != list(range(len(ranks))):
+        raise NeoxconvError(f"{tag_dir}: mp_rank files are not numbered 00..{len(ranks) - 1:02d} (found {ranks})")
+    modules = []
+    for _, p in mp_files:
+        state = load_pickle(p)
+        module = state.get("module") if isinstance(state, dict) else None
+        if not isinstance(module, dict) or not any(SEQ_KEY.match(k) for k in module):
+            raise NeoxconvError(f"{p}: no `sequential.N.*` tensors in `module` and no layer_* files: "
+                                "not a NeoX checkpoint (or its layer files are missing)")
+        modules.append(module)
+    tp = len(modules)
+    declared_tp = args.get("model_parallel_size")
+    if declared_tp and int(declared_tp) != tp:
+        raise NeoxconvError(f"{tag_dir}: {tp} mp_rank file(s), but the config says model_parallel_size {declared_tp}")
+    indices = sorted({int(SEQ_KEY.match(k)[1]) for k in modules[0] if SEQ_KEY.match(k)})
+    for r, mod in enumerate(modules[1:], start=1):
+        keys0 = {k for k in modules[0] if SEQ_KEY.match(k)}
+        keys = {k for k in mod if SEQ_KEY.match(k)}
+        if keys != keys0:
+            diff = sorted(keys0 ^ keys)[0]
+            raise NeoxconvError(f"{mp_files[r][1]}: tensor names differ from mp_rank_00 (e.g. {diff})")
+    nf = NeoxFiles(tag_dir, "sequential", tp, 1, iteration, args, used, indices, _modules=modules)
+    nf.num_layers = _check_indices(nf, lambda idx: f"sequential.{idx}.* in mp_rank_00_model_states.pt")
+    return nf
+
+
+def _kind(keys: set[str]) -> str:
+    if any(k.startswith("word_embeddings.") for k in keys):
+        return "embed"
+    if any(k.startswith(("attention.", "input_layernorm.")) for k in keys):
+        return "layer"
+    if any(k.startswith("norm.") for k in keys):
+        return "norm"
+    if any(k.startswith("final_linear.") for k in keys):
+        return "head"
+    return "unknown"
+
+
+def _check_indices(nf: NeoxFiles, describe) -> int:
+    """Classify spec indices by content and check the T1 layout; returns the layer count."""
+    kinds = {idx: _kind(set(nf.rank_states(idx)[0])) for idx in nf.indices}
+    nf._cache = None
+    layers = sorted(i for i, k in kinds.items() if k == "layer")
+    norm = [i for i, k in kinds.items() if k == "norm"]
+    declared = nf.args.get("num_layers")
+    n = int(declared) if declared else (max(layers) - 1 if layers else 0)
+    for i in range(2, n + 2):
+        if kinds.get(i) != "layer":
+            raise NeoxconvError(f"{nf.tag_dir}: missing transformer layer {i - 2}: expected {describe(i)}")
+    extra = [i for i in layers if i >= n + 2]
+    if extra:
+        raise NeoxconvError(f"{nf.tag_dir}: transformer layer at spec index {extra[0]} beyond num_layers {n}")
+    if norm != [n + 3]:
+        raise NeoxconvError(f"{nf.tag_dir}: final norm expected at {describe(n + 3)}, found it at {norm or 'no index'}")
+    unknown = [i for i, k in kinds.items() if k == "unknown"]
+    if unknown:
+        raise NeoxconvError(f"{nf.tag_dir}: unrecognised tensors at spec index {unknown[0]} "
+                            f"({', '.join(sorted(nf.rank_states(unknown[0])[0])[:3])})")
+    if kinds.get(n + 4, "head") != "head":
+        raise NeoxconvError(f"{nf.tag_dir}: unexpected tensors at spec index {n + 4}")
+    return n

@@ -1,0 +1,56 @@
+"""`neoxconv inspect`: what a checkpoint is, from headers only (no tensor data is read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def describe(path: Path, config_files: list[Path] | None = None) -> dict:
+    from neoxconv import graph
+
+    fmt = graph.detect(path)
+    ckpt = graph.read(path, fmt=fmt, config_files=config_files)
+    spec, info = ckpt.spec, ckpt.info
+    tensors = [{"name": n, "shape": list(ckpt.tensors[n].shape), "dtype": str(ckpt.tensors[n].dtype).removeprefix("torch.")}
+               for n in ckpt.tensors]
+    out = {
+        "path": str(path),
+        "format": fmt,
+        "layout": info.get("layout"),
+        "tp": info.get("tp", 1),
+        "pp": info.get("pp", 1),
+        "iteration": info.get("iteration"),
+        "schema": info.get("schema"),
+        "qkv_layout": info.get("qkv_layout"),
+        "arch": spec.family,
+        "dtype": spec.dtype,
+        "parameters": ckpt.tensors.num_params(),
+        "spec": spec.to_dict(),
+        "tensors": tensors,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def render(d: dict, console: Console) -> None:
+    head = Table(show_header=False, title=d["path"])
+    for key in ("format", "layout", "tp", "pp", "iteration", "schema", "qkv_layout", "arch", "dtype"):
+        if key in d:
+            head.add_row(key, str(d[key]))
+    head.add_row("parameters", f"{d['parameters']:,}")
+    spec = d["spec"]
+    head.add_row("shape", f"{spec['layers']} layers, hidden {spec['hidden']}, {spec['heads']} heads "
+                          f"({spec['kv_heads']} KV), MLP {spec['intermediate']}, vocab {spec['vocab_size']} "
+                          f"(rows {spec['vocab_rows']})")
+    head.add_row("numerics", f"{spec['norm']} eps={spec['norm_eps']}, {spec['activation']}, rotary "
+                             f"{spec['rotary_pct']}×d base {spec['rotary_base']:g}, parallel residual "
+                             f"{spec['parallel_residual']}, tied {spec['tied']}")
+    console.print(head)
+    t = Table(title="canonical tensors")
+    for col in ("name", "shape", "dtype"):
+        t.add_column(col)
+    for row in d["tensors"]:
+        t.add_row(row["name"], "×".join(map(str, row["shape"])), row["dtype"])
+    console.print(t)

@@ -1,0 +1,130 @@
+"""File I/O kept apart from conversion logic: safe pickle loading, atomic output directories,
+sharded safetensors writing.
+
+Pickled checkpoints (`.pt`, `.bin`, `.pth`) are loaded with `weights_only=True` plus an
+explicit allowlist of the harmless non-tensor types real NeoX/DeepSpeed files hold (numpy RNG
+state, argparse.Namespace, ...). `weights_only=False` is only used when the user opts in with
+`--trust-pickle`, because unpickling arbitrary files can run code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from neoxconv.errors import NeoxconvError
+
+_TRUST_PICKLE = False
+
+
+def set_trust_pickle(value: bool) -> None:
+    """Opt in to full unpickling for inputs the user trusts (`--trust-pickle`)."""
+    global _TRUST_PICKLE
+    _TRUST_PICKLE = value
+
+
+def _safe_globals() -> list:
+    import numpy as np
+
+    allowed: list = [argparse.Namespace, np.ndarray, np.dtype]
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        with contextlib.suppress(Exception):
+            allowed.append(__import__(mod, fromlist=["_reconstruct"])._reconstruct)
+            break
+    with contextlib.suppress(Exception):
+        allowed.append(np.core.multiarray.scalar)  # numpy scalars in RNG state / ds_config
+    with contextlib.suppress(Exception):
+        allowed.append(np._core.multiarray.scalar)
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def load_pickle(path: Path) -> dict:
+    """torch.load a checkpoint file memory-mapped, without executing arbitrary pickle code."""
+    try:
+        if _TRUST_PICKLE:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # trust: opt-in
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except FileNotFoundError:
+        raise NeoxconvError(f"{path}: file not found") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types; the user needs one line
+        msg = str(e).strip().splitlines()
+        first = next((ln for ln in msg if "Unsupported global" in ln or "GLOBAL" in ln), msg[0] if msg else repr(e))
+        hint = " (if you trust this file, pass --trust-pickle)" if "weights_only" in str(e) or "global" in str(e).lower() else ""
+        raise NeoxconvError(f"{path}: cannot load checkpoint: {first.strip()}{hint}") from e
+
+
+def save_pickle(obj: dict, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """A compact copy: torch.save of a view would write the whole underlying storage."""
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.is_contiguous() and t.storage_offset() == 0:
+        return t
+    return t.contiguous().clone()
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500*2**20, plain numbers are bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise NeoxconvError(f"cannot read size {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    num, unit = float(m.group(1)), m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit[:1] in "KMGT" else ""]
+    return int(num * base**power)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `out` in one rename.
+
+    On any error the temporary directory is removed, so a failed run never leaves something
+    that looks like a finished output. An existing `out` is refused unless `force`.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise NeoxconvError(f"{out}: output already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NeoxconvError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise NeoxconvError(f"{path}: invalid JSON: {e}") from None

@@ -1,0 +1,102 @@
+"""Tensor-parallel roles and their split/merge rules (neox-formats.md §3).
+
+Every canonical tensor has one role. Resharding is these pure functions; fusing (QKV,
+gated linear1) happens per rank in the NeoX adapter, after split and before merge.
+
+| role       | tensors                              | split (full -> p)            | merge (p -> full)      |
+|------------|--------------------------------------|------------------------------|------------------------|
+| vocab      | embed, lm_head                       | chunk dim 0                  | concat dim 0           |
+| column     | q, k, v (by heads), up, gate (+bias) | chunk dim 0                  | concat dim 0           |
+| row        | o.weight, down.weight                | chunk dim 1                  | concat dim 1           |
+| row_bias   | o.bias, down.bias                    | parallel residual: b/p; else copy | parallel: sum; else rank 0 (T5) |
+| replicated | norms                                | copy                         | mean (T6)              |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neoxconv.errors import NeoxconvError
+
+
+def role_of(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] in ("embed", "lm_head"):
+        return "vocab"
+    if "norm" in name:
+        return "replicated"
+    leaf, kind = parts[-2], parts[-1]
+    if leaf in ("o", "down"):
+        return "row" if kind == "weight" else "row_bias"
+    if leaf in ("q", "k", "v", "up", "gate"):
+        return "column"
+    raise ValueError(f"no TP role for canonical tensor {name!r}")
+
+
+def split(t: torch.Tensor, role: str, p: int, parallel_residual: bool) -> list[torch.Tensor]:
+    if p == 1:
+        return [t]
+    if role in ("vocab", "column"):
+        _check_divisible(t.shape[0], p, role)
+        return list(t.chunk(p, dim=0))
+    if role == "row":
+        _check_divisible(t.shape[1], p, role)
+        return list(t.chunk(p, dim=1))
+    if role == "row_bias":
+        # Under a parallel (GPT-J) residual every rank adds its own bias before one all-reduce,
+        # so the effective bias is the sum over ranks: give each rank b/p. Otherwise the bias is
+        # added once after the all-reduce and every rank holds the same copy.
+        return [t / p for _ in range(p)] if parallel_residual else [t for _ in range(p)]
+    if role == "replicated":
+        return [t for _ in range(p)]
+    raise ValueError(role)
+
+
+def merge(parts: list[torch.Tensor], role: str, parallel_residual: bool) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    if role in ("vocab", "column"):
+        return torch.cat(parts, dim=0)
+    if role == "row":
+        return torch.cat(parts, dim=1)
+    if role == "row_bias":
+        if parallel_residual:
+            return _sum_like(parts)
+        return parts[0]
+    if role == "replicated":
+        # Copies of replicated params can drift apart slightly in training (T6); the mean is
+        # what every reference converter uses. Computed in fp32, cast back.
+        return (_sum_like(parts, torch.float32) / len(parts)).to(parts[0].dtype)
+    raise ValueError(role)
+
+
+def _sum_like(parts: list[torch.Tensor], acc: torch.dtype | None = None) -> torch.Tensor:
+    acc = acc or (torch.float32 if parts[0].dtype in (torch.float16, torch.bfloat16) else parts[0].dtype)
+    total = parts[0].to(acc)
+    for t in parts[1:]:
+        total = total + t.to(acc)
+    return total.to(parts[0].dtype)
+
+
+def _check_divisible(n: int, p: int, role: str) -> None:
+    if n % p:
+        raise NeoxconvError(f"cannot split a {role} dimension of {n} into {p} tensor-parallel ranks")
+
+
+def padded_vocab(vocab_size: int, multiple: int, tp: int) -> int:
+    """Smallest size >= vocab_size divisible by multiple * tp (NeoX tokenizer.py, §3.3)."""
+    m = multiple * tp
+    return -(-vocab_size // m) * m
+
+
+def resize_vocab(t: torch.Tensor, rows: int, real_vocab: int) -> torch.Tensor:
+    """Pad with zero rows or trim rows beyond the real vocabulary (never a real token row)."""
+    have = t.shape[0]
+    if rows == have:
+        return t
+    if rows < real_vocab:
+        raise NeoxconvError(f"cannot shrink the vocabulary below its {real_vocab} real tokens (asked for {rows} rows)")
+    if rows < have:
+        return t[:rows]
+    pad = torch.zeros((rows - have, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=0)
