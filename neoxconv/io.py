@@ -36,14 +36,9 @@ def _safe_globals() -> list:
     import numpy as np
 
     allowed: list = [argparse.Namespace, np.ndarray, np.dtype]
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        with contextlib.suppress(Exception):
-            allowed.append(__import__(mod, fromlist=["_reconstruct"])._reconstruct)
-            break
-    with contextlib.suppress(Exception):
-        allowed.append(np.core.multiarray.scalar)  # numpy scalars in RNG state / ds_config
-    with contextlib.suppress(Exception):
-        allowed.append(np._core.multiarray.scalar)
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    # ndarray reconstruction and numpy scalars: numpy RNG state, ds_config values.
+    allowed += [core.multiarray._reconstruct, core.multiarray.scalar]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]

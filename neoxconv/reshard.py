@@ -44,9 +44,9 @@ def split(t: torch.Tensor, role: str, p: int, parallel_residual: bool) -> list[t
         return list(t.chunk(p, dim=1))
     if role == "row_bias":
         # Under a parallel (GPT-J) residual every rank adds its own bias before one all-reduce,
-        # so the effective bias is the sum over ranks: give each rank b/p. Otherwise the bias is
+        # so the effective bias is the sum over ranks: each rank gets ~b/p. Otherwise the bias is
         # added once after the all-reduce and every rank holds the same copy.
-        return [t / p for _ in range(p)] if parallel_residual else [t for _ in range(p)]
+        return split_sum(t, p) if parallel_residual else [t for _ in range(p)]
     if role == "replicated":
         return [t for _ in range(p)]
     raise ValueError(role)
@@ -66,12 +66,28 @@ def merge(parts: list[torch.Tensor], role: str, parallel_residual: bool) -> torc
     if role == "replicated":
         # Copies of replicated params can drift apart slightly in training (T6); the mean is
         # what every reference converter uses. Computed in fp32, cast back.
-        return (_sum_like(parts, torch.float32) / len(parts)).to(parts[0].dtype)
+        total = parts[0].double()
+        for t in parts[1:]:
+            total = total + t.double()
+        return (total / len(parts)).to(parts[0].dtype)
     raise ValueError(role)
 
 
+def split_sum(t: torch.Tensor, p: int) -> list[torch.Tensor]:
+    """p tensors that sum to exactly t: ranks 1..p-1 hold fl(t/p), rank 0 the float64 remainder.
+
+    Why exact: the remainder r0 = t - (p-1)*fl(t/p) has |r0| ~ |t|/p <= |t|/2, so its rounding
+    error is at most ulp(t)/4, and the float64 sum r0 + (p-1)*fl(t/p) rounds back to t. A plain
+    t/p per rank would not survive a round trip at p = 3.
+    """
+    share = (t.double() / p).to(t.dtype)
+    rest = (t.double() - (p - 1) * share.double()).to(t.dtype)
+    return [rest] + [share for _ in range(p - 1)]
+
+
 def _sum_like(parts: list[torch.Tensor], acc: torch.dtype | None = None) -> torch.Tensor:
-    acc = acc or (torch.float32 if parts[0].dtype in (torch.float16, torch.bfloat16) else parts[0].dtype)
+    """Sum in float64 (exact for a handful of fp32/fp16/bf16 terms), cast back once."""
+    acc = acc or torch.float64
     total = parts[0].to(acc)
     for t in parts[1:]:
         total = total + t.to(acc)

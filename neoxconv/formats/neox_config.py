@@ -53,7 +53,7 @@ def read_configs(files: list[Path]) -> tuple[dict, list[Path]]:
             if k in merged and merged[k] != v:
                 raise NeoxconvError(f"{f}: {k} = {v!r} conflicts with {merged[k]!r} in {origin[k]}")
             merged[k] = v
-            origin[k] = Path(f)
+            origin.setdefault(k, Path(f))
     return merged, list(files)
 
 

@@ -1,0 +1,129 @@
+"""The command line as a user meets it: help, inspect, and bad input (one line, exit 2,
+no traceback, nothing left that looks like a finished output)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.factories import save_hf, tiny_hf_model
+from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
+
+CFG = dict(num_layers=2, hidden_size=32, num_attention_heads=4, rotary_pct=0.25, gpt_j_residual=True, no_weight_tying=True)
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "neoxconv", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return save_hf(tiny_hf_model("gptneox"), tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture
+def neox_tp2(tmp_path):
+    ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
+    return write_neox_checkpoint(tmp_path / "ckpt", ranks, CFG)
+
+
+def assert_clean_failure(result, out: Path, *fragments):
+    assert result.returncode == 2, result.stderr
+    text = result.stderr.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    for f in fragments:
+        assert f in text, text
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "partial output left behind"
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("neox-to-hf", "hf-to-neox", "convert", "inspect"):
+        assert cmd in r.stdout
+    r = run("hf-to-neox", "--help")
+    assert r.returncode == 0 and "--tp" in r.stdout and "--neox-schema" in r.stdout
+
+
+def test_cli_end_to_end_and_inspect(tmp_path, hf_dir):
+    neox = tmp_path / "neox"
+    r = run("hf-to-neox", hf_dir, neox, "--tp", "2", "--layout", "sequential")
+    assert r.returncode == 0, r.stderr
+    r = run("inspect", neox, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["format"] == "neox" and info["layout"] == "sequential" and info["tp"] == 2
+    assert info["arch"] == "gptneox" and info["dtype"] == "float32"
+    model = tiny_hf_model("gptneox")
+    padding = (256 - 100) * 32 * 2  # 100 real rows padded to 128 x TP=2, in embedding and head
+    assert info["parameters"] == sum(p.numel() for p in model.parameters()) + padding
+    names = {t["name"] for t in info["tensors"]}
+    assert "layers.1.attn.q.weight" in names and "lm_head.weight" in names
+    r = run("neox-to-hf", neox, tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    r = run("inspect", tmp_path / "hf")
+    assert r.returncode == 0 and "gptneox" in r.stdout and "hf" in r.stdout
+
+
+def test_missing_layer_file(tmp_path, neox_tp2):
+    for f in (neox_tp2 / "global_step1000").glob("layer_03-*"):
+        f.unlink()
+    out = tmp_path / "out"
+    assert_clean_failure(run("neox-to-hf", neox_tp2, out), out, "missing transformer layer 1", "layer_03")
+
+
+def test_tp_file_count_mismatch(tmp_path, neox_tp2):
+    (neox_tp2 / "global_step1000" / "layer_03-model_01-model_states.pt").unlink()
+    out = tmp_path / "out"
+    assert_clean_failure(run("neox-to-hf", neox_tp2, out), out, "layer_03 has 1 TP file(s)", "expected 2")
+
+
+def test_tp_that_does_not_divide(tmp_path, hf_dir):
+    out = tmp_path / "out"
+    assert_clean_failure(run("hf-to-neox", hf_dir, out, "--tp", "3"), out, "--tp 3 does not divide the 4 attention heads")
+
+
+def test_unknown_format(tmp_path):
+    src = tmp_path / "junk"
+    src.mkdir()
+    (src / "notes.txt").write_text("hello")
+    out = tmp_path / "out"
+    assert_clean_failure(run("convert", src, out, "--to", "hf"), out, "junk: unknown format")
+
+
+def test_existing_output_refused_unless_force(tmp_path, hf_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run("hf-to-neox", hf_dir, out)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    r = run("hf-to-neox", hf_dir, out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert (out / "latest").is_file() and not (out / "keep.txt").exists()
+
+
+def test_failure_midway_leaves_no_output(tmp_path, hf_dir):
+    """A corrupt weights file is found while writing: no OUT, no partial dir."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((hf_dir / "config.json").read_text())
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    r = run("hf-to-neox", bad, out, "--tp", "2")
+    assert_clean_failure(r, out, "model.safetensors")
+
+
+def test_debug_shows_traceback(tmp_path, hf_dir):
+    out = tmp_path / "out"
+    r = run("--debug", "hf-to-neox", hf_dir, out, "--tp", "3")
+    assert r.returncode == 2 and "Traceback" in r.stderr

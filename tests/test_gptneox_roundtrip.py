@@ -1,0 +1,150 @@
+"""HF GPTNeoX -> NeoX (any TP, both layouts, both schemas) -> HF is bit-exact; resharding
+NeoX -> NeoX keeps every tensor; exports load in transformers with the source's logits."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import yaml
+
+from fixtures.factories import hf_tensors, load_hf, logits, save_hf, tiny_hf_model, token_batch
+from neoxconv.convert import convert
+
+# 12 heads so that TP 1, 2, 3 and 4 all divide them; rotary on half the head dims.
+SHAPE = dict(hidden_size=48, num_attention_heads=12, intermediate_size=96, vocab_size=100, rotary_pct=0.5)
+VARIANTS = [dict(tie_word_embeddings=t, use_parallel_residual=p, attention_bias=b)
+            for t, p, b in itertools.product((False, True), (True, False), (True, False))]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """One saved HF model per variant (tied x residual x bias)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, v in enumerate(VARIANTS):
+        model = tiny_hf_model("gptneox", seed=i, **SHAPE, **v)
+        out[i] = (save_hf(model, root / f"v{i}"), model)
+    return out
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS)), ids=lambda i: "-".join(f"{k[:4]}={v}" for k, v in VARIANTS[i].items()))
+@pytest.mark.parametrize("tp,layout,schema", [(tp, lay, sch) for tp in (1, 2, 3, 4)
+                                              for lay in ("pipeline", "sequential") for sch in ("current", "legacy")])
+def test_hf_neox_hf_bit_exact(sources, tmp_path, variant, tp, layout, schema):
+    src, _ = sources[variant]
+    neox, back = tmp_path / "neox", tmp_path / "back"
+    convert(src, neox, to="neox", tp=tp, layout=layout, schema=schema, vocab_multiple=8)
+    convert(neox, back, to="hf", trim_vocab_padding=True)
+    a, b = hf_tensors(src), hf_tensors(back)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+    tag = next(neox.glob("global_step*"))
+    if layout == "pipeline":
+        assert len(list(tag.glob("layer_02-model_*-model_states.pt"))) == tp
+        assert len(list(tag.glob("mp_rank_*_model_states.pt"))) == tp
+    else:
+        assert not list(tag.glob("layer_*"))
+        assert len(list(tag.glob("mp_rank_*_model_states.pt"))) == tp
+
+
+def test_written_neox_files_follow_deepspeed_conventions(sources, tmp_path):
+    src, _ = sources[0]  # untied, parallel residual, biases
+    out = tmp_path / "neox"
+    convert(src, out, to="neox", tp=2, pp=2, layout="pipeline", schema="legacy")
+    tag = (out / "latest").read_text()
+    assert tag == "global_step0"
+    tag_dir = out / tag
+    L = 2
+    names = sorted(p.name for p in tag_dir.glob("layer_*"))
+    # embedding 0, layers 2..L+1, final norm L+3, head L+4; none at 1 or L+2 (T1)
+    assert {n.split("-")[0] for n in names} == {"layer_00", "layer_02", "layer_03", "layer_05", "layer_06"}
+    # PP*TP model-states files with module=None in pipeline mode (T2)
+    mp = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    assert len(mp) == 4
+    state = torch.load(mp[3], weights_only=True)
+    assert state["module"] is None and state["mp_world_size"] == 4 and state["dp_world_size"] == 1
+    layer = torch.load(tag_dir / "layer_02-model_01-model_states.pt", weights_only=True)
+    assert "mlp.dense_h_to_4h.weight" in layer and "attention.rotary_emb.inv_freq" in layer
+    rot = int(48 // 12 * 0.5)
+    expect = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    assert torch.equal(layer["attention.rotary_emb.inv_freq"], expect)
+    # Row-parallel biases under a parallel residual are divided across ranks (T5).
+    full = hf_tensors(src)["gpt_neox.layers.0.attention.dense.bias"]
+    assert torch.allclose(layer["attention.dense.bias"] * 2, full)
+    # Each tensor is saved on its own storage, not as a view of the full matrix.
+    assert layer["attention.dense.weight"].untyped_storage().nbytes() == layer["attention.dense.weight"].numel() * 4
+    cfg = yaml.safe_load((tag_dir / "configs" / "neoxconv.yml").read_text())
+    assert cfg["model-parallel-size"] == 2 and cfg["pipe-parallel-size"] == 2
+    assert cfg["num-layers"] == 2 and cfg["hidden-size"] == 48 and cfg["num-attention-heads"] == 12
+    assert cfg["rotary-pct"] == 0.5 and cfg["gpt-j-residual"] is True and cfg["no-weight-tying"] is True
+    assert cfg["finetune"] is True and cfg["make-vocab-size-divisible-by"] == 128
+    assert cfg["norm"] == "layernorm" and cfg["layernorm-epsilon"] == 1e-5
+    assert cfg["intermediate-size"] == 96 and cfg["activation"] == "gelu" and cfg["bias-gelu-fusion"] is False
+
+
+def test_reshard_tp2_tp4_tp1_keeps_the_model(sources, tmp_path):
+    """NeoX tp=2 -> tp=4 -> tp=1 -> HF equals the original, vocab padding changing on the way."""
+    src, model = sources[2]  # untied, sequential residual, biases: row biases copied, not divided
+    t2, t4, t1, hf = (tmp_path / n for n in ("t2", "t4", "t1", "hf"))
+    convert(src, t2, to="neox", tp=2, vocab_multiple=8)  # 100 -> 112 rows
+    convert(t2, t4, to="neox", tp=4, layout="sequential", vocab_multiple=8)  # -> 128 rows
+    convert(t4, t1, to="neox", tp=1, vocab_multiple=8)  # -> 104 rows (trimmed, never below 100)
+    rows = []
+    for d, tp in ((t2, 2), (t4, 4), (t1, 1)):
+        tag = next(d.glob("global_step*"))
+        f = tag / ("layer_00-model_00-model_states.pt" if (tag / "layer_00-model_00-model_states.pt").exists()
+                   else "mp_rank_00_model_states.pt")
+        sd = torch.load(f, weights_only=True)
+        emb = sd["word_embeddings.weight"] if "word_embeddings.weight" in sd else sd["module"]["sequential.0.word_embeddings.weight"]
+        rows.append(emb.shape[0] * tp)
+    assert rows == [112, 128, 104]
+    convert(t1, hf, to="hf")
+    exported = hf_tensors(hf)
+    original = hf_tensors(src)
+    for name, t in original.items():
+        got = exported[name]
+        if name in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+            assert got.shape[0] == 104 and torch.equal(got[104 - 4:], torch.zeros(4, 48))
+            got = got[:100]
+        assert torch.equal(got, t), name
+    ids = token_batch(100)
+    torch.testing.assert_close(logits(load_hf(hf), ids)[..., :100], logits(model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", [0, 3, 5], ids=["untied-par-bias", "untied-seq-nobias", "tied-par-nobias"])
+def test_export_loads_in_transformers_with_source_logits(sources, tmp_path, variant):
+    src, model = sources[variant]
+    neox, back = tmp_path / "neox", tmp_path / "back"
+    convert(src, neox, to="neox", tp=2)
+    convert(neox, back, to="hf", max_shard_size=20_000)  # forces several safetensors shards
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    cfg = json.loads((back / "config.json").read_text())
+    # Readable by transformers 4.x too: top-level rope keys, 4.x head name.
+    assert cfg["rotary_pct"] == 0.5 and cfg["rotary_emb_base"] == 10000
+    assert cfg["rope_parameters"]["partial_rotary_factor"] == 0.5
+    assert ("embed_out.weight" in index["weight_map"]) == (not VARIANTS[variant]["tie_word_embeddings"])
+    exported = load_hf(back)
+    ids = token_batch(100, batch=2, tokens=16)
+    ref = logits(model, ids)
+    got = logits(exported, ids)
+    assert got.shape[-1] == 256  # padded to 128 x TP rows; padding kept by default
+    assert torch.equal(got[..., :100], ref)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_dtype_option_casts_outputs(sources, tmp_path, dtype, torch_dtype):
+    src, _ = sources[0]
+    convert(src, tmp_path / "neox", to="neox", tp=2, dtype=dtype)
+    convert(tmp_path / "neox", tmp_path / "hf", to="hf", trim_vocab_padding=True)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["dtype"] == str(torch_dtype).removeprefix("torch.")
+    got = hf_tensors(tmp_path / "hf")
+    for name, t in hf_tensors(src).items():
+        assert got[name].dtype == torch_dtype
+        assert torch.equal(got[name], t.to(torch_dtype)), name

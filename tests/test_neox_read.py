@@ -1,0 +1,103 @@
+"""Reading NeoX checkpoints written the way GPT-NeoX/DeepSpeed writes them (not by neoxconv)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
+from neoxconv.errors import NeoxconvError
+from neoxconv.formats.neox import read_neox
+from neoxconv.formats.neox_config import read_configs
+
+CFG = dict(num_layers=2, hidden_size=32, num_attention_heads=4, rotary_pct=0.25, gpt_j_residual=True,
+           no_weight_tying=True, bias_gelu_fusion=True, layernorm_epsilon="1e-5")
+
+
+def _expected(ranks, i, tp, parallel):
+    """The canonical layer, merged by hand from the per-rank dicts (MHA interleaved)."""
+    s = ranks[i + 2]
+    cat0 = lambda k: torch.cat([r[k] for r in s], 0)  # noqa: E731
+    qkv = cat0("attention.query_key_value.weight").view(4, 3, 8, 32)
+    bias = sum(r["attention.dense.bias"].double() for r in s).float() if parallel else s[0]["attention.dense.bias"]
+    return {
+        "attn.q.weight": qkv[:, 0].reshape(32, 32), "attn.k.weight": qkv[:, 1].reshape(32, 32),
+        "attn.v.weight": qkv[:, 2].reshape(32, 32),
+        "attn.o.weight": torch.cat([r["attention.dense.weight"] for r in s], 1),
+        "attn.o.bias": bias,
+        "attn_norm.weight": torch.stack([r["input_layernorm.weight"] for r in s]).double().mean(0).float(),
+        "mlp.up.weight": cat0("mlp.linear1.weight"),
+        "mlp.down.weight": torch.cat([r["mlp.linear2.weight"] for r in s], 1),
+    }
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "sequential"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_reads_deepspeed_written_checkpoint(tmp_path, layout, tp):
+    ranks = random_rank_tensors(tp=tp, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False, seed=tp)
+    save = write_neox_checkpoint(tmp_path / "ckpt", ranks, CFG, layout=layout, pp=2 if layout == "pipeline" else 1)
+    ckpt = read_neox(save)
+    spec = ckpt.spec
+    assert (spec.layers, spec.hidden, spec.heads, spec.intermediate, spec.vocab_rows) == (2, 32, 4, 128, 128)
+    assert spec.activation == "gelu_tanh" and spec.parallel_residual and not spec.tied
+    assert spec.norm_eps == 1e-5 and isinstance(spec.norm_eps, float)  # PyYAML's '1e-5' string (T12)
+    assert ckpt.info["layout"] == layout and ckpt.info["tp"] == tp and ckpt.info["iteration"] == 1000
+    if layout == "pipeline":
+        assert ckpt.info["pp"] == 2
+    for i in range(2):
+        got = ckpt.tensors.load_group(i)
+        for leaf, t in _expected(ranks, i, tp, parallel=True).items():
+            assert torch.equal(got[f"layers.{i}.{leaf}"], t), leaf
+    emb = ckpt.tensors["embed.weight"].load()
+    assert torch.equal(emb, torch.cat([r["word_embeddings.weight"] for r in ranks[0]]))
+    head = ckpt.tensors["lm_head.weight"].load()
+    assert torch.equal(head, torch.cat([r["final_linear.weight"] for r in ranks[6]]))
+
+
+def test_sequential_residual_takes_rank0_bias_and_legacy_names(tmp_path):
+    ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=True, legacy=True)
+    cfg = dict(CFG, gpt_j_residual=False, no_weight_tying=False)
+    ckpt = read_neox(write_neox_checkpoint(tmp_path / "c", ranks, cfg))
+    assert ckpt.info["schema"] == "legacy" and ckpt.spec.tied and "lm_head.weight" not in ckpt.tensors
+    got = ckpt.tensors.load_group(1)
+    assert torch.equal(got["layers.1.attn.o.bias"], ranks[3][0]["attention.dense.bias"])
+    assert torch.equal(got["layers.1.mlp.up.weight"], torch.cat([r["mlp.dense_h_to_4h.weight"] for r in ranks[3]]))
+    assert not any("inv_freq" in n for n in ckpt.tensors)
+
+
+def test_shapes_win_over_yaml(tmp_path):
+    """intermediate size and tying come from tensors, whatever the YAML claims (T10)."""
+    ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=96, vocab_rows=64, tied=True)
+    cfg = dict(CFG, intermediate_size=4096, no_weight_tying=True)
+    spec = read_neox(write_neox_checkpoint(tmp_path / "c", ranks, cfg)).spec
+    assert spec.intermediate == 96 and spec.tied
+
+
+def test_config_merge_hyphens_conflicts_and_numbers(tmp_path):
+    a, b, c = tmp_path / "a.yml", tmp_path / "b.yml", tmp_path / "c.yml"
+    a.write_text("num-layers: 2\nlayernorm-epsilon: 1e-5\nlr: 6.0e-4\n")
+    b.write_text("num_layers: 2\nhidden_size: 32\n")
+    merged, _ = read_configs([a, b])
+    assert merged == {"num_layers": 2, "layernorm_epsilon": 1e-5, "lr": 6.0e-4, "hidden_size": 32}
+    c.write_text("num_layers: 4\n")
+    with pytest.raises(NeoxconvError, match=r"c\.yml: num_layers = 4 conflicts with 2 in .*a\.yml"):
+        read_configs([a, b, c])
+
+
+def test_pickles_are_loaded_without_running_code(tmp_path):
+    """A pickle that would execute code is refused (weights_only + allowlist), and named."""
+    ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
+    save = write_neox_checkpoint(tmp_path / "c", ranks, CFG)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = save / "global_step1000" / "layer_02-model_00-model_states.pt"
+    sd = torch.load(bad, weights_only=True)
+    sd["evil"] = Evil()
+    torch.save(sd, bad)
+    with pytest.raises(NeoxconvError, match=r"layer_02-model_00-model_states\.pt: cannot load checkpoint.*--trust-pickle"):
+        read_neox(save)
+    assert not marker.exists()
