@@ -123,3 +123,57 @@ def read_json(path: Path) -> dict:
         raise NeoxconvError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise NeoxconvError(f"{path}: invalid JSON: {e}") from None
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+class SafetensorsStreamWriter:
+    """Write one safetensors file tensor by tensor, in any order, holding none of it in memory.
+
+    The safetensors library only writes whole dicts, which would hold a full shard (GBs) in
+    memory. The format is simple (8-byte little-endian header length, JSON header with each
+    tensor's dtype/shape/byte range, raw little-endian data), and every shape is known from the
+    conversion plan, so the header goes first and each tensor is written at its offset.
+    Files are read back with the safetensors library in the tests.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        offset = 0
+        for name, dtype, shape in entries:
+            n = dtype.itemsize
+            for s in shape:
+                n *= s
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._slots[name] = (offset, n, dtype, tuple(shape))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self._base = 8 + len(raw)
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+        self._f.truncate(self._base + offset)
+        self._pending = set(self._slots)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        offset, n, dtype, shape = self._slots[name]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: planned {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.seek(self._base + offset)
+        self._f.write(memoryview(data))
+        self._pending.discard(name)
+
+    @property
+    def complete(self) -> bool:
+        return not self._pending
+
+    def close(self) -> None:
+        self._f.close()
+        if self._pending:
+            raise ValueError(f"safetensors file closed with unwritten tensors: {sorted(self._pending)[:3]}")

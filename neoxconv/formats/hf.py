@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import NeoxconvError
-from neoxconv.io import load_pickle, read_json, write_json
+from neoxconv.io import SafetensorsStreamWriter, load_pickle, read_json, write_json
 from neoxconv.reshard import resize_vocab
 from neoxconv.tensormap import Group, TensorMap, group_of
 
@@ -163,40 +162,41 @@ def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, m
             t[f"layers.{group}.mlp.down.bias"] = torch.zeros(spec.hidden, dtype=out_dtype, device=t[f"layers.{group}.mlp.down.weight"].device)
         return arch.from_canonical(out_spec, t)
 
-    # Plan: HF names and sizes per group from metas alone, then pack shards in order.
+    # Plan: HF names, dtypes and shapes per group from metas alone, then pack shards in order.
     groups = ckpt.tensors.groups()
-    plan: list[tuple[str, int]] = []
+    plan: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
     for g in groups:
         for name, t in to_hf(g, ckpt.tensors.metas(g)).items():
-            plan.append((name, t.numel() * t.element_size()))
-    shards: list[list[str]] = [[]]
+            plan.append((name, t.dtype, tuple(t.shape), t.numel() * t.element_size()))
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     size = 0
-    for name, nbytes in plan:
+    for name, dt, shape, nbytes in plan:
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
-        shards[-1].append(name)
+        shards[-1].append((name, dt, shape))
         size += nbytes
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    shard_of = {name: i for i, s in enumerate(shards) for name in s}
-    pending: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
-    written = 0
+    shard_of = {entry[0]: i for i, s in enumerate(shards) for entry in s}
+    # Each shard's header is written first; tensors stream in as their layer is converted.
+    writers: dict[int, SafetensorsStreamWriter] = {}
     for g in groups:
         for name, t in to_hf(g, ckpt.tensors.load_group(g)).items():
             i = shard_of[name]
-            pending[i][name] = t.contiguous()
-            if len(pending[i]) == len(shards[i]):
-                save_file(pending[i], str(out / names[i]), metadata={"format": "pt"})
-                pending[i] = {}
-                written += 1
+            if i not in writers:
+                writers[i] = SafetensorsStreamWriter(out / names[i], shards[i], metadata={"format": "pt"})
+            writers[i].write(name, t)
+            if writers[i].complete:
+                writers[i].close()
         if progress:
             progress(f"layer {g}" if isinstance(g, int) else str(g))
-    assert written == n, "every planned shard must be written"
+    for w in writers.values():
+        w.close()
     if n > 1:
         write_json(out / "model.safetensors.index.json", {
-            "metadata": {"total_size": sum(b for _, b in plan)},
-            "weight_map": {name: names[shard_of[name]] for name, _ in plan},
+            "metadata": {"total_size": sum(p[3] for p in plan)},
+            "weight_map": {p[0]: names[shard_of[p[0]]] for p in plan},
         })
     import transformers
 
