@@ -1,0 +1,473 @@
+"""Upload to a local fake Hub with the real huggingface_hub client; load back with from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import ORG, READ_TOKEN, USER, VALID_TOKEN, FakeHub, fake_hub, hub_client_env  # noqa: F401
+from rich.console import Console
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+import neoxconv
+from neoxconv.errors import NeoxconvError
+from neoxconv.modelcard import write_model_card
+from neoxconv.tokenizer import apply_special_ids, export_tokenizer
+from neoxconv.upload import upload, upload_command, validate_export_dir
+
+REPO_ID = f"{USER}/pythia-tiny"
+PROMPT_IDS = [[0, 5, 17, 42, 99, 120, 7, 3], [1, 200, 201, 202, 0, 11, 12, 13]]
+
+
+def _tokenizer_json(path: Path) -> Path:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog", "pythia step one hundred checkpoint"] * 10
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|padding|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok.save(str(path))
+    return path
+
+
+def _build_export(out: Path, max_shard_size: str | None = None) -> torch.Tensor:
+    """A complete export dir: tiny seeded GPT-NeoX (safetensors), tokenizer, card. Returns logits."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok_json = _tokenizer_json(out.parent / f"{out.name}-20B_tokenizer.json")
+    n_tok = Tokenizer.from_file(str(tok_json)).get_vocab_size(with_added_tokens=True)
+    rows = ((n_tok + 127) // 128) * 128  # NeoX-style padded vocabulary
+    torch.manual_seed(1234)
+    config = GPTNeoXConfig(
+        vocab_size=rows,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        rotary_pct=0.25,
+    )
+    model = GPTNeoXForCausalLM(config).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, safe_serialization=True, **kwargs)
+    info = export_tokenizer(tok_json, out, embedding_rows=rows, family="gpt-neox", model_max_length=64)
+    cfg = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    apply_special_ids(cfg, gen, info)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_model_card(
+        out,
+        {"family": "gpt-neox", "source_dir": "/runs/tiny/global_step100", "iteration": 100, "tp": 1, "pp": 1,
+         "dtype": "float32", "tokenizer": info.to_dict(), "license": "apache-2.0"},
+    )
+    with torch.no_grad():
+        return model(torch.tensor(PROMPT_IDS)).logits
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "pythia-tiny-step100"
+    logits = _build_export(out)
+    return out, logits
+
+
+@pytest.fixture
+def export_dir(export):
+    return export[0]
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _local_files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_validate_complete_export(export_dir):
+    check = validate_export_dir(export_dir)
+    names = [n for n, _ in check.files]
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(names)
+    assert check.weight_files == ["model.safetensors"]
+    assert check.total_bytes == sum((export_dir / n).stat().st_size for n in names)
+    assert check.warnings == []
+
+
+def test_validate_missing_shard(tmp_path):
+    out = tmp_path / "sharded"
+    _build_export(out, max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    validate_export_dir(out)  # complete: fine
+    (out / shards[-1]).unlink()
+    with pytest.raises(NeoxconvError, match=rf"model.safetensors.index.json names missing file\(s\): {shards[-1]}") as e:
+        validate_export_dir(out)
+    assert "\n" not in str(e.value)
+
+
+def test_validate_index_tensor_not_in_shard(tmp_path):
+    out = tmp_path / "sharded"
+    _build_export(out, max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["gpt_neox.layers.9.attention.dense.weight"] = first
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(NeoxconvError, match=rf"{first} lacks tensor\(s\) listed in model.safetensors.index.json: gpt_neox.layers.9"):
+        validate_export_dir(out)
+
+
+def test_validate_truncated_and_garbage_safetensors(export_dir, tmp_path):
+    d = _copy(export_dir, tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(NeoxconvError, match=r"model.safetensors: data section is \d+ bytes but the header describes \d+"):
+        validate_export_dir(d)
+    (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(NeoxconvError, match="model.safetensors: header length"):
+        validate_export_dir(d)
+    (d / "model.safetensors").write_bytes((20).to_bytes(8, "little") + b"this is not json!!!!")
+    with pytest.raises(NeoxconvError, match="header is not valid JSON"):
+        validate_export_dir(d)
+
+
+def test_validate_config_and_weights(export_dir, tmp_path):
+    d = _copy(export_dir, tmp_path)
+    (d / "config.json").write_text("{ broken")
+    with pytest.raises(NeoxconvError, match="config.json does not load with transformers"):
+        validate_export_dir(d)
+    (d / "config.json").unlink()
+    (d / "model.safetensors").unlink()
+    with pytest.raises(NeoxconvError, match="config.json is missing; no weights file"):
+        validate_export_dir(d)
+    with pytest.raises(NeoxconvError, match="not a directory"):
+        validate_export_dir(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- upload
+
+
+def test_upload_to_step_branch(export_dir, fake_hub):
+    result = upload(
+        export_dir, REPO_ID, revision="step100", private=True, commit_message="Pythia-tiny step 100", token=VALID_TOKEN,
+        endpoint=fake_hub.url,
+    )
+    assert result.method == "upload_folder" and result.created_branch and not result.dry_run
+    repo = fake_hub.repos[REPO_ID]
+    assert repo.private is True
+
+    # the branch holds exactly the local folder (plus the Hub's .gitattributes), in ONE commit
+    head = fake_hub.head(REPO_ID, "step100")
+    assert result.commit_oid == head.oid and result.commit_url.endswith(head.oid)
+    assert fake_hub.files(REPO_ID, "step100") == {**_local_files(export_dir), ".gitattributes": fake_hub.gitattributes()}
+    assert [c.title for c in fake_hub.history(REPO_ID, "step100")] == ["Pythia-tiny step 100", "initial commit"]
+    assert [c.title for c in fake_hub.history(REPO_ID, "main")] == ["initial commit"]  # main untouched
+    assert head.files["model.safetensors"].lfs and not head.files["config.json"].lfs
+
+    commits = fake_hub.requests_matching("POST", r"/commit/")
+    assert len(commits) == 1 and commits[0].path == f"/api/models/{REPO_ID}/commit/step100"
+    assert commits[0].body[0] == {"key": "header", "value": {"summary": "Pythia-tiny step 100", "description": ""}}
+    kinds = {line["value"]["path"]: line["key"] for line in commits[0].body[1:]}
+    assert kinds["model.safetensors"] == "lfsFile" and kinds["config.json"] == "file"
+    (create,) = fake_hub.requests_matching("POST", r"^/api/repos/create$")
+    assert create.body["visibility"] == "private" and create.body["name"] == "pythia-tiny"
+    assert len(fake_hub.requests_matching("POST", r"/branch/step100$")) == 1
+    assert len(fake_hub.requests_matching("PUT", r"^/_lfs/upload/")) == 1
+    for r in fake_hub.requests:
+        if not r.path.startswith("/_lfs/"):  # LFS content goes to a storage URL, without the token
+            assert r.token == VALID_TOKEN, r.path
+            assert f"neoxconv/{neoxconv.__version__}" in r.headers["user-agent"]
+
+    # private: invisible without the token
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=fake_hub.url, token=False).model_info(REPO_ID)
+
+
+def test_one_branch_per_step_and_reupload(export_dir, fake_hub, tmp_path):
+    upload(export_dir, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=fake_hub.url)
+    first = fake_hub.head(REPO_ID, "step100").oid
+    # unchanged folder again: nothing to commit, the existing head is reported
+    again = upload(export_dir, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=fake_hub.url)
+    assert again.commit_oid == first and not again.created_branch
+    assert len(fake_hub.history(REPO_ID, "step100")) == 2
+
+    # next training step on its own branch, created from main
+    d = _copy(export_dir, tmp_path)
+    (d / "extra").mkdir()
+    (d / "extra" / "train_args.yml").write_text("train_iters: 200\n")  # subdirectories are uploaded too
+    result = upload(d, REPO_ID, revision="step200", token=VALID_TOKEN, endpoint=fake_hub.url)
+    assert result.created_branch
+    assert fake_hub.files(REPO_ID, "step200")["extra/train_args.yml"] == b"train_iters: 200\n"
+    assert len(fake_hub.history(REPO_ID, "step200")) == 2
+    assert fake_hub.head(REPO_ID, "step100").oid == first
+    assert sorted(fake_hub.repos[REPO_ID].branches) == ["main", "step100", "step200"]
+
+
+def test_upload_to_org_main_and_default_message(export_dir, fake_hub):
+    result = upload(export_dir, f"{ORG}/tiny", token=VALID_TOKEN, endpoint=fake_hub.url)
+    assert result.revision == "main" and not result.created_branch
+    assert fake_hub.head(f"{ORG}/tiny").title == f"Upload {export_dir.name} with neoxconv {neoxconv.__version__}"
+    assert fake_hub.repos[f"{ORG}/tiny"].private is False
+
+
+def test_repo_name_without_namespace_uses_token_owner(export_dir, fake_hub):
+    result = upload(export_dir, "bare-name", token=VALID_TOKEN, endpoint=fake_hub.url)
+    assert result.repo_id == f"{USER}/bare-name" and f"{USER}/bare-name" in fake_hub.repos
+
+
+def test_create_pr_with_changes(export_dir, fake_hub, tmp_path):
+    upload(export_dir, REPO_ID, token=VALID_TOKEN, endpoint=fake_hub.url, commit_message="first")
+    main_head = fake_hub.head(REPO_ID).oid
+    d = _copy(export_dir, tmp_path)
+    (d / "README.md").write_text("---\nlicense: mit\n---\n# changed\n")
+    result = upload(d, REPO_ID, token=VALID_TOKEN, endpoint=fake_hub.url, create_pr=True, commit_message="as PR")
+    assert result.pr_url and result.pr_url.endswith("/discussions/1")
+    assert fake_hub.head(REPO_ID).oid == main_head
+    assert fake_hub.files(REPO_ID, "refs/pr/1")["README.md"].startswith(b"---\nlicense: mit")
+
+
+def test_create_pr_with_revision_is_refused_before_any_request(export_dir, fake_hub):
+    with pytest.raises(NeoxconvError, match="cannot be combined with --revision step100"):
+        upload(export_dir, REPO_ID, revision="step100", create_pr=True, token=VALID_TOKEN, endpoint=fake_hub.url)
+    assert fake_hub.requests == []
+
+
+def test_private_flag_on_existing_public_repo_is_refused(export_dir, fake_hub):
+    upload(export_dir, REPO_ID, token=VALID_TOKEN, endpoint=fake_hub.url)
+    n_commits = len(fake_hub.history(REPO_ID))
+    with pytest.raises(NeoxconvError, match="already exists and is public"):
+        upload(export_dir, REPO_ID, revision="step100", private=True, token=VALID_TOKEN, endpoint=fake_hub.url)
+    assert len(fake_hub.history(REPO_ID)) == n_commits and "step100" not in fake_hub.repos[REPO_ID].branches
+
+
+def test_dry_run_sends_nothing(export_dir, fake_hub):
+    # no token anywhere, and still fine: a dry run makes no request at all (not even whoami)
+    result = upload(export_dir, REPO_ID, revision="step100", private=True, endpoint=fake_hub.url, dry_run=True)
+    assert fake_hub.requests == []
+    assert result.dry_run and result.commit_oid is None and result.method == "upload_folder"
+    assert dict(result.files) == {n: len(b) for n, b in _local_files(export_dir).items()}
+    assert result.total_bytes == sum(dict(result.files).values())
+
+
+def test_dry_run_still_validates(export_dir, fake_hub, tmp_path):
+    d = _copy(export_dir, tmp_path)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(NeoxconvError, match="no weights file"):
+        upload(d, REPO_ID, endpoint=fake_hub.url, dry_run=True)
+    with pytest.raises(NeoxconvError, match="no weights file"):
+        upload(d, REPO_ID, token=VALID_TOKEN, endpoint=fake_hub.url)
+    assert fake_hub.requests == []
+
+
+# ----------------------------------------------------------------------------- tokens and errors
+
+
+def test_bad_token_is_one_line_error(export_dir, fake_hub):
+    with pytest.raises(NeoxconvError, match=r"token was rejected \(401 Unauthorized\)") as e:
+        upload(export_dir, REPO_ID, token="hf_not_a_real_token", endpoint=fake_hub.url)
+    assert "\n" not in str(e.value)
+    assert fake_hub.repos == {}
+    assert [r.path for r in fake_hub.requests] == ["/api/whoami-v2"]
+
+
+def test_read_only_token_is_403(export_dir, fake_hub):
+    with pytest.raises(NeoxconvError, match=r"no write permission with this token \(403 Forbidden: .*read-only"):
+        upload(export_dir, REPO_ID, token=READ_TOKEN, endpoint=fake_hub.url)
+    assert fake_hub.repos == {}
+
+
+def test_foreign_namespace_is_403(export_dir, fake_hub):
+    with pytest.raises(NeoxconvError, match=r"someone-else/model: cannot create the repository: no write permission .*403"):
+        upload(export_dir, "someone-else/model", token=VALID_TOKEN, endpoint=fake_hub.url)
+
+
+def test_token_from_env_and_argument_precedence(export_dir, fake_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)
+    upload(export_dir, REPO_ID, endpoint=fake_hub.url)
+    assert REPO_ID in fake_hub.repos
+    assert {r.token for r in fake_hub.requests if not r.path.startswith("/_lfs/")} == {VALID_TOKEN}
+    with pytest.raises(NeoxconvError, match="401"):  # an explicit token wins over HF_TOKEN
+        upload(export_dir, REPO_ID, token="hf_wrong", endpoint=fake_hub.url)
+
+
+def test_stored_login_token_is_used(export_dir, fake_hub, hub_client_env, tmp_path):
+    Path(hub_client_env.HF_TOKEN_PATH).write_text(VALID_TOKEN)
+    upload(export_dir, REPO_ID, endpoint=fake_hub.url)
+    assert fake_hub.requests[0].token == VALID_TOKEN
+
+
+def test_no_token_at_all(export_dir, fake_hub):
+    with pytest.raises(NeoxconvError, match="no Hugging Face token"):
+        upload(export_dir, REPO_ID, endpoint=fake_hub.url)
+    assert fake_hub.requests == []
+
+
+def test_network_error(export_dir, hub_client_env):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(NeoxconvError, match=rf"127.0.0.1:{port}: cannot check the token: network error"):
+        upload(export_dir, REPO_ID, token=VALID_TOKEN, endpoint=f"http://127.0.0.1:{port}")
+
+
+def test_offline_mode_is_reported(export_dir, fake_hub, monkeypatch, hub_client_env):
+    monkeypatch.setattr(hub_client_env, "HF_HUB_OFFLINE", True)
+    with pytest.raises(NeoxconvError, match="HF_HUB_OFFLINE is set"):
+        upload(export_dir, REPO_ID, token=VALID_TOKEN, endpoint=fake_hub.url)
+
+
+def test_invalid_repo_id(export_dir, fake_hub):
+    with pytest.raises(NeoxconvError, match="invalid repository id"):
+        upload(export_dir, "a/b/c", token=VALID_TOKEN, endpoint=fake_hub.url, dry_run=True)
+
+
+# ----------------------------------------------------------------------------- large folders
+
+
+def test_large_folder_uses_upload_large_folder_when_available(export_dir, fake_hub, monkeypatch):
+    """huggingface_hub 0.25-0.x has HfApi.upload_large_folder; the installed 2.x does not (checked below)."""
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def fake_upload_large_folder(self, repo_id, folder_path, *, repo_type=None, revision=None, private=None, **kw):
+        # same signature as the real method; it commits (possibly several times) without a message
+        calls.append({"repo_id": repo_id, "folder_path": folder_path, "revision": revision, "private": private, **kw})
+        self.upload_folder(repo_id=repo_id, folder_path=folder_path, revision=revision, commit_message="large folder part 1")
+
+    monkeypatch.setattr(HfApi, "upload_large_folder", fake_upload_large_folder, raising=False)
+    result = upload(export_dir, REPO_ID, revision="step100", private=True, token=VALID_TOKEN, endpoint=fake_hub.url,
+                    large_folder_threshold=1024)
+    assert result.method == "upload_large_folder"
+    assert calls == [{"repo_id": REPO_ID, "folder_path": str(export_dir.resolve()), "revision": "step100", "private": True}]
+    assert result.commit_oid == fake_hub.head(REPO_ID, "step100").oid
+    # below the threshold: plain upload_folder
+    small = upload(export_dir, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=fake_hub.url)
+    assert small.method == "upload_folder" and len(calls) == 1
+
+
+def test_large_folder_on_installed_hub_is_resumable_pipeline(export_dir, hub_client_env, monkeypatch):
+    """Installed huggingface_hub (2.x): no upload_large_folder; upload_folder with hf_xet is the
+    resumable multi-commit pipeline. It is exercised here with every file sent as a regular git
+    blob, because the fake hub has no Xet storage (see tests/hub_server.py)."""
+    from huggingface_hub import HfApi
+
+    pytest.importorskip("hf_xet")
+    if hasattr(HfApi, "upload_large_folder"):
+        pytest.skip("this huggingface_hub still has upload_large_folder")
+    monkeypatch.setattr(hub_client_env, "HF_HUB_DISABLE_XET", False)
+    with FakeHub(regular_only=True) as hub:
+        result = upload(export_dir, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=hub.url, large_folder_threshold=1)
+        assert result.method == "upload_folder"
+        assert hub.files(REPO_ID, "step100") == _local_files(export_dir)
+        assert len(hub.requests_matching("POST", "/commit/")) == 1
+        # re-running (what one does after an interruption) resumes: nothing left to send
+        hub.clear_requests()
+        again = upload(export_dir, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=hub.url, large_folder_threshold=1)
+        assert again.commit_oid == result.commit_oid
+        assert hub.requests_matching("POST", "/commit/") == []
+
+
+def test_xet_upload_against_fake_hub_fails_cleanly(export_dir, hub_client_env, monkeypatch):
+    """With hf_xet enabled, LFS-mode files go to Xet storage, which the fake hub lacks: one-line error."""
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr(hub_client_env, "HF_HUB_DISABLE_XET", False)
+    with FakeHub() as hub:
+        with pytest.raises(NeoxconvError, match="cannot upload the folder") as e:
+            upload(export_dir, REPO_ID, token=VALID_TOKEN, endpoint=hub.url)
+        assert "\n" not in str(e.value)
+        assert hub.requests_matching("GET", "xet-write-token")
+
+
+# ----------------------------------------------------------------------------- CLI glue
+
+
+def test_upload_command_output(export_dir, fake_hub):
+    console = Console(record=True, width=140)
+    upload_command(export_dir, REPO_ID, "step100", False, None, False, None, fake_hub.url, True, console)
+    text = console.export_text()
+    assert "Would upload 6 files" in text and "to tester/pythia-tiny@step100" in text and "model.safetensors" in text
+    assert "Dry run: nothing was sent" in text and fake_hub.requests == []
+
+    console = Console(record=True, width=140)
+    result = upload_command(export_dir, REPO_ID, "step100", True, "msg", False, VALID_TOKEN, fake_hub.url, False, console)
+    text = console.export_text()
+    assert "Created branch step100" in text and result.commit_oid in text
+
+
+# ----------------------------------------------------------------------------- load back
+
+
+LOADER = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    repo, revision, prompt, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    model = AutoModelForCausalLM.from_pretrained(repo, revision=revision).eval()
+    tok = AutoTokenizer.from_pretrained(repo, revision=revision)
+    with torch.no_grad():
+        logits = model(torch.tensor(prompt)).logits
+    torch.save({"logits": logits, "ids": tok("the quick brown fox")["input_ids"],
+                "specials": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
+                "gen": [model.generation_config.eos_token_id, model.generation_config.pad_token_id],
+                "cls": type(model).__name__}, out)
+    """
+)
+
+
+def test_from_pretrained_through_fake_hub(export, fake_hub, tmp_path):
+    export_dir, source_logits = export
+    upload(export_dir, REPO_ID, revision="step100", private=True, token=VALID_TOKEN, endpoint=fake_hub.url)
+    fake_hub.clear_requests()
+
+    hf_home = tmp_path / "hf_home"
+    hf_home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
+    # HF_HUB_OFFLINE is deliberately not set in this child only; the cache (HF_HOME) starts empty
+    env.update(HF_ENDPOINT=fake_hub.url, HF_HOME=str(hf_home), HF_TOKEN=VALID_TOKEN,
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    out = tmp_path / "loaded.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADER, REPO_ID, "step100", json.dumps(PROMPT_IDS), str(out)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = torch.load(out)
+    assert loaded["cls"] == "GPTNeoXForCausalLM"
+    assert torch.equal(loaded["logits"], source_logits)  # bit-exact through upload + download
+    assert loaded["specials"] == [0, 0, 1] and loaded["gen"] == [0, 1]
+    local = Tokenizer.from_file(str(export_dir / "tokenizer.json"))
+    assert loaded["ids"] == local.encode("the quick brown fox").ids
+
+    got = {r.path for r in fake_hub.requests if r.method == "GET" and "/resolve/" in r.path}
+    head = fake_hub.head(REPO_ID, "step100").oid
+    assert f"/{REPO_ID}/resolve/{head}/model.safetensors" in got
+    assert f"/{REPO_ID}/resolve/{head}/tokenizer.json" in got
+    assert fake_hub.requests_matching("GET", rf"/api/models/{REPO_ID}/revision/step100$")
+    assert all(r.token == VALID_TOKEN for r in fake_hub.requests if "/resolve/" in r.path)
