@@ -1,0 +1,195 @@
+"""NeoX config -> the handful of facts that decide what the NeoX forward computes.
+
+Defaults are NeoX's own (``megatron/neox_arguments/neox_args.py``; neox-formats.md §5.2, trap
+T12), never a converter's: rotary_pct 1.0, rotary_emb_base 10000, norm layernorm,
+layernorm_epsilon 1e-5, rms_norm_epsilon 1e-8, gpt_j_residual False, gpt_j_tied False,
+activation gelu, bias_gelu_fusion False, no_weight_tying False (tied), num_kv_heads None (MHA),
+sliding_window_width None.
+
+Features that change the forward but that the reference does not implement (learned/ALiBi
+position embeddings, QK-norm, muP, MoE, scalenorm, ...) raise :class:`UnsupportedNeoxFeature`
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import NeoxconvError
+
+__all__ = [
+    "QKV_LAYOUTS",
+    "GATED_ACTIVATIONS",
+    "PLAIN_ACTIVATIONS",
+    "NeoxSemantics",
+    "UnsupportedNeoxFeature",
+    "normalise_args",
+]
+
+QKV_LAYOUTS = ("mha_interleaved", "gqa_blocked", "gqa_fakehead")
+#: gated activations: ``linear1`` holds [x ; gate] per rank, output = act(gate) * x (NX
+#: ``transformer.py`` Gated_Activation; neox-formats.md §3, T7). Value = the base activation.
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "glu": "sigmoid", "bilinear": "identity"}
+PLAIN_ACTIVATIONS = ("gelu", "relu", "silu", "swish", "softsign", "mish")
+
+
+class UnsupportedNeoxFeature(NeoxconvError):
+    """The checkpoint uses a NeoX feature the reference forward does not implement."""
+
+
+def normalise_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Keys with ``-`` become ``_`` (NeoX accepts both spellings, §5.1)."""
+    return {str(k).replace("-", "_"): v for k, v in (args or {}).items()}
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _as_float(v: Any) -> float:
+    # PyYAML reads "1e-5" as a string (§5.1).
+    return float(v)
+
+
+@dataclass(frozen=True)
+class NeoxSemantics:
+    """What a NeoX forward does, resolved from the config (with NeoX defaults)."""
+
+    num_heads: int
+    num_kv_heads: int  #: equals num_heads for MHA
+    hidden_size: int | None  #: None: take it from the embedding shape
+    rotary_pct: float
+    rotary_base: float
+    norm: str  #: "layernorm" | "rmsnorm"
+    norm_eps: float
+    gpt_j_residual: bool
+    gpt_j_tied: bool
+    activation: str
+    bias_gelu_fusion: bool
+    tied_embeddings: bool
+    sliding_window: int | None
+    qkv_layout: str  #: the layout NeoX's forward actually uses (see from_args)
+    declared_qkv_layout: str
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.num_kv_heads != self.num_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    def head_dim(self, hidden: int) -> int:
+        if hidden % self.num_heads:
+            raise NeoxconvError(f"hidden_size {hidden} is not divisible by num_attention_heads {self.num_heads}")
+        return hidden // self.num_heads
+
+    def rotary_dims(self, head_dim: int) -> int:
+        """NeoX: the whole head if rotary_pct == 1, else int(d * rotary_pct) (NX transformer.py; §4.4)."""
+        if self.rotary_pct == 1:
+            return head_dim
+        return int(head_dim * self.rotary_pct)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None, qkv_layout: str) -> NeoxSemantics:
+        """Resolve ``args`` (NeoX config) with NeoX defaults.
+
+        ``qkv_layout`` is what the source declares. NeoX takes the plain MHA code path (per-head
+        interleaved QKV, §4.1) whenever ``num_kv_heads`` is unset or equal to the head count
+        (§2.3, T8), whatever produced the file; the reference does the same, so an MHA checkpoint
+        written in a GQA layout (bug B4 / the HF-Llama importer's MHA bug) is *detected*, not
+        excused. For GQA the declared layout must be ``gqa_blocked`` or ``gqa_fakehead``.
+        """
+        a = normalise_args(args)
+        if qkv_layout not in QKV_LAYOUTS:
+            raise NeoxconvError(f"unknown qkv_layout {qkv_layout!r}; expected one of {QKV_LAYOUTS}")
+        if "num_attention_heads" not in a:
+            raise NeoxconvError("NeoX config lacks num_attention_heads")
+        n = int(a["num_attention_heads"])
+        kv_raw = a.get("num_kv_heads")
+        kv = n if kv_raw in (None, "", 0) else int(kv_raw)
+        if n % kv:
+            raise NeoxconvError(f"num_attention_heads {n} is not a multiple of num_kv_heads {kv}")
+        if kv == n:
+            layout = "mha_interleaved"
+        else:
+            if qkv_layout == "mha_interleaved":
+                raise NeoxconvError(
+                    "GQA model (num_kv_heads < num_attention_heads) declared with qkv_layout "
+                    "'mha_interleaved'; NeoX stores GQA as 'gqa_blocked' (since 2024-11) or "
+                    "'gqa_fakehead' (2024-02..2024-11)"
+                )
+            layout = qkv_layout
+
+        _reject_unsupported(a)
+
+        norm = str(a.get("norm", "layernorm"))
+        if norm in ("layernorm", "te_layernorm"):
+            norm, eps = "layernorm", _as_float(a.get("layernorm_epsilon", 1e-5))
+        elif norm in ("rmsnorm", "te_rmsnorm"):
+            norm, eps = "rmsnorm", _as_float(a.get("rms_norm_epsilon", 1e-8))
+        else:
+            raise UnsupportedNeoxFeature(f"norm {norm!r} is not supported by the reference forward")
+
+        activation = str(a.get("activation", "gelu"))
+        if activation not in GATED_ACTIVATIONS and activation not in PLAIN_ACTIVATIONS:
+            raise UnsupportedNeoxFeature(f"activation {activation!r} is not supported")
+
+        rotary_pct = _as_float(a.get("rotary_pct", 1.0))
+        if not 0 < rotary_pct <= 1:
+            raise NeoxconvError(f"rotary_pct must be in (0, 1], got {rotary_pct}")
+        sw = a.get("sliding_window_width")
+        hidden = a.get("hidden_size")
+        return cls(
+            num_heads=n,
+            num_kv_heads=kv,
+            hidden_size=None if hidden is None else int(hidden),
+            rotary_pct=rotary_pct,
+            rotary_base=_as_float(a.get("rotary_emb_base", 10000)),
+            norm=norm,
+            norm_eps=eps,
+            gpt_j_residual=_as_bool(a.get("gpt_j_residual", False)),
+            gpt_j_tied=_as_bool(a.get("gpt_j_tied", False)),
+            activation=activation,
+            bias_gelu_fusion=_as_bool(a.get("bias_gelu_fusion", False)),
+            tied_embeddings=not _as_bool(a.get("no_weight_tying", False)),
+            sliding_window=None if sw in (None, "", 0) else int(sw),
+            qkv_layout=layout,
+            declared_qkv_layout=qkv_layout,
+        )
+
+    def validate_tp(self, tp: int) -> None:
+        """NeoX splits heads and KV heads over ranks, never replicating them (§2.3)."""
+        if self.num_heads % tp:
+            raise NeoxconvError(f"tp={tp} does not divide num_attention_heads={self.num_heads}")
+        if self.num_kv_heads % tp:
+            raise NeoxconvError(f"tp={tp} does not divide num_kv_heads={self.num_kv_heads}")
+
+    def describe(self) -> dict[str, Any]:
+        """Plain dict for reports."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _reject_unsupported(a: Mapping[str, Any]) -> None:
+    pos_emb = a.get("pos_emb")
+    if pos_emb is not None and pos_emb != "rotary":
+        raise UnsupportedNeoxFeature(f"pos_emb {pos_emb!r}: only rotary is supported")
+    for key, what in (
+        ("use_qk_layernorm", "QK layernorm"),
+        ("use_mup", "muP attention scaling"),
+        ("soft_prompt_tuning", "soft prompt tuning (shifts layer indices)"),
+    ):
+        v = a.get(key)
+        if isinstance(v, Mapping):
+            v = v.get("enabled", False)
+        if v and _as_bool(v):
+            raise UnsupportedNeoxFeature(f"{what} is not supported by the reference forward")
+    if int(a.get("moe_num_experts", 1) or 1) > 1:
+        raise UnsupportedNeoxFeature("MoE layers are not supported by the reference forward")
+    if _as_bool(a.get("onnx_safe", False)):
+        # erf_gelu uses x / 1.41421 (not exact sqrt 2): a different GELU; refuse rather than guess.
+        raise UnsupportedNeoxFeature("onnx_safe GELU is not supported")
