@@ -22,7 +22,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import neoxconv
 from neoxconv.errors import NeoxconvError
@@ -303,6 +303,7 @@ def upload(
     endpoint: str | None = None,
     dry_run: bool = False,
     large_folder_threshold: int = DEFAULT_LARGE_FOLDER_THRESHOLD,
+    on_step: Callable[[str], None] | None = None,
 ) -> UploadResult:
     """Validate ``dir`` and upload it to ``repo_id`` (branch ``revision``) in one commit.
 
@@ -316,7 +317,9 @@ def upload(
     * folders larger than ``large_folder_threshold`` bytes use ``HfApi.upload_large_folder``
       (resumable, several commits) when the installed huggingface_hub provides it; otherwise
       ``upload_folder`` is used, which with ``hf_xet`` installed is resumable by re-running.
+    * ``on_step`` is called with a short description before each network step (for progress).
     """
+    step = on_step or (lambda _msg: None)
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -345,11 +348,12 @@ def upload(
         create_pr=bool(create_pr),
         warnings=list(check.warnings),
     )
-    if dry_run:
-        result.method = "upload_large_folder" if large and not create_pr else "upload_folder"
-        return result
-
     from huggingface_hub import HfApi
+
+    use_large = large and not create_pr and hasattr(HfApi, "upload_large_folder")
+    if dry_run:
+        result.method = "upload_large_folder" if use_large else "upload_folder"
+        return result
 
     tok = resolve_token(token)
     if not tok:
@@ -358,12 +362,14 @@ def upload(
         )
     api = HfApi(endpoint=endpoint_url, token=tok, library_name="neoxconv", library_version=neoxconv.__version__)
 
+    step(f"checking the token with {endpoint_url}")
     with _hub_errors("check the token", repo_id, endpoint_url):
         user = api.whoami()
     if "/" not in repo_id:
         repo_id = f"{user['name']}/{repo_id}"
         result.repo_id = repo_id
 
+    step(f"creating {repo_id} if missing")
     with _hub_errors("create the repository", repo_id, endpoint_url):
         api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
     if private:
@@ -378,6 +384,7 @@ def upload(
     if branch != "main" and not branch.startswith("refs/"):
         from huggingface_hub.utils import HfHubHTTPError
 
+        step(f"creating branch {branch} if missing")
         with _hub_errors(f"create branch {branch}", repo_id, endpoint_url, branch):
             try:
                 api.create_branch(repo_id, branch=branch, repo_type="model", exist_ok=False)
@@ -387,7 +394,11 @@ def upload(
                     raise
 
     message = commit_message or f"Upload {check.directory.name} with neoxconv {neoxconv.__version__}"
-    use_large = large and not create_pr and hasattr(api, "upload_large_folder")
+    step(
+        f"uploading {len(check.files)} files ({_human(check.total_bytes)}) to {repo_id}@{branch}"
+        + (" as a pull request" if create_pr else "")
+        + (" with upload_large_folder (resumable, several commits)" if use_large else " in one commit")
+    )
     with _hub_errors("upload the folder", repo_id, endpoint_url, branch):
         if use_large:
             result.method = "upload_large_folder"
@@ -449,12 +460,11 @@ def upload_command(
     from rich.table import Table
 
     console = console or Console()
-    target = f"{repo_id}@{revision or 'main'}"
-    if dry_run:
-        result = upload(dir, repo_id, revision, private, commit_message, create_pr, token, endpoint, dry_run=True)
-    else:
-        with console.status(f"Uploading {dir} to {target} ..."):
-            result = upload(dir, repo_id, revision, private, commit_message, create_pr, token, endpoint)
+    console.print(f"Checking {dir} ...")
+    result = upload(
+        dir, repo_id, revision, private, commit_message, create_pr, token, endpoint, dry_run=dry_run,
+        on_step=lambda msg: console.print(f"[dim]-[/dim] {msg}"),
+    )
 
     console.print(
         f"{'Would upload' if dry_run else 'Uploaded'} {len(result.files)} files ({_human(result.total_bytes)}) "

@@ -471,3 +471,41 @@ def test_from_pretrained_through_fake_hub(export, fake_hub, tmp_path):
     assert f"/{REPO_ID}/resolve/{head}/tokenizer.json" in got
     assert fake_hub.requests_matching("GET", rf"/api/models/{REPO_ID}/revision/step100$")
     assert all(r.token == VALID_TOKEN for r in fake_hub.requests if "/resolve/" in r.path)
+
+
+def test_fake_hub_serves_the_read_api(export_dir, fake_hub, tmp_path):
+    """The endpoints from_pretrained does not happen to need, driven by the real client."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, RevisionNotFoundError
+
+    d = _copy(export_dir, tmp_path / "src")
+    (d / "extra").mkdir()
+    (d / "extra" / "notes.txt").write_text("hello\n")
+    upload(d, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=fake_hub.url)
+    api = HfApi(endpoint=fake_hub.url, token=VALID_TOKEN)
+    head = fake_hub.head(REPO_ID, "step100")
+
+    tree = {e.path: e for e in api.list_repo_tree(REPO_ID, revision="step100")}
+    assert "extra" in tree and "extra/notes.txt" not in tree and tree["model.safetensors"].lfs.size == (d / "model.safetensors").stat().st_size
+    deep = {e.path for e in api.list_repo_tree(REPO_ID, revision="step100", recursive=True)}
+    assert "extra/notes.txt" in deep
+    info = api.get_paths_info(REPO_ID, ["config.json", "model.safetensors", "extra", "missing.bin"], revision="step100")
+    by_path = {e.path: e for e in info}
+    assert set(by_path) == {"config.json", "model.safetensors", "extra"}
+    assert by_path["model.safetensors"].lfs.sha256 == head.files["model.safetensors"].sha256
+    assert by_path["config.json"].blob_id == head.files["config.json"].git_oid
+    refs = api.list_repo_refs(REPO_ID)
+    assert {b.name: b.target_commit for b in refs.branches}["step100"] == head.oid
+    commits = api.list_repo_commits(REPO_ID, revision="step100")
+    assert [c.title for c in commits] == [head.title, "initial commit"]
+    meta = api.model_info(REPO_ID, revision="step100", files_metadata=True)
+    assert meta.sha == head.oid and {s.rfilename for s in meta.siblings} == set(head.files)
+
+    path = hf_hub_download(REPO_ID, "extra/notes.txt", revision="step100", endpoint=fake_hub.url,
+                           token=VALID_TOKEN, cache_dir=tmp_path / "cache")
+    assert Path(path).read_text() == "hello\n"
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(REPO_ID, "nope.txt", revision="step100", endpoint=fake_hub.url, token=VALID_TOKEN,
+                        cache_dir=tmp_path / "cache")
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info(REPO_ID, revision="step999")
