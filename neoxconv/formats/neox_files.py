@@ -70,7 +70,7 @@ class NeoxFiles:
     config_files: list[Path]
     indices: list[int]  # spec indices present
     _files: dict[tuple[int, int], Path] = field(default_factory=dict, repr=False)  # pipeline (idx, rank)
-    _modules: list[dict] | None = field(default=None, repr=False)  # sequential, per rank
+    _rank_files: list[Path] | None = field(default=None, repr=False)  # sequential, per rank
     _cache: tuple[int, list[dict]] | None = field(default=None, repr=False)
     num_layers: int = 0
     qkv_layout: str = "mha_interleaved"  # set by the adapter once heads are known
@@ -89,8 +89,14 @@ class NeoxFiles:
                     raise NeoxconvError(f"{self._files[(idx, r)]}: expected a dict of tensors")
                 states.append({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
         else:
+            # Re-opened per access (the pickle index is small, data is memory-mapped): keeping
+            # whole-model mappings open would leave every touched page resident.
             prefix = f"sequential.{idx}."
-            states = [{k[len(prefix):]: v for k, v in mod.items() if k.startswith(prefix)} for mod in self._modules]
+            states = []
+            for f in self._rank_files:
+                module = load_pickle(f)["module"]
+                states.append({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)})
+                del module
         self._cache = (idx, states)
         return states
 
@@ -153,19 +159,18 @@ def _open_sequential(tag_dir, mp_files, args, used, iteration) -> NeoxFiles:
         if not isinstance(module, dict) or not any(SEQ_KEY.match(k) for k in module):
             raise NeoxconvError(f"{p}: no `sequential.N.*` tensors in `module` and no layer_* files: "
                                 "not a NeoX checkpoint (or its layer files are missing)")
-        modules.append(module)
+        modules.append({k for k in module if SEQ_KEY.match(k)})
+        del state, module
     tp = len(modules)
     declared_tp = args.get("model_parallel_size")
     if declared_tp and int(declared_tp) != tp:
         raise NeoxconvError(f"{tag_dir}: {tp} mp_rank file(s), but the config says model_parallel_size {declared_tp}")
-    indices = sorted({int(SEQ_KEY.match(k)[1]) for k in modules[0] if SEQ_KEY.match(k)})
-    for r, mod in enumerate(modules[1:], start=1):
-        keys0 = {k for k in modules[0] if SEQ_KEY.match(k)}
-        keys = {k for k in mod if SEQ_KEY.match(k)}
-        if keys != keys0:
-            diff = sorted(keys0 ^ keys)[0]
+    indices = sorted({int(SEQ_KEY.match(k)[1]) for k in modules[0]})
+    for r, keys in enumerate(modules[1:], start=1):
+        if keys != modules[0]:
+            diff = sorted(modules[0] ^ keys)[0]
             raise NeoxconvError(f"{mp_files[r][1]}: tensor names differ from mp_rank_00 (e.g. {diff})")
-    nf = NeoxFiles(tag_dir, "sequential", tp, 1, iteration, args, used, indices, _modules=modules)
+    nf = NeoxFiles(tag_dir, "sequential", tp, 1, iteration, args, used, indices, _rank_files=[p for _, p in mp_files])
     nf.num_layers = _check_indices(nf, lambda idx: f"sequential.{idx}.* in mp_rank_00_model_states.pt")
     return nf
 
