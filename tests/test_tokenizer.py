@@ -280,3 +280,19 @@ def test_copy_tokenizer_for_neox(neox_json, spm_model, tmp_path):
     empty.mkdir()
     with pytest.raises(NeoxconvError, match="no tokenizer.json or tokenizer.model"):
         copy_tokenizer_for_neox(empty, tmp_path / "x")
+
+
+def test_sentencepiece_unigram_uses_generic_class(tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=str(tmp_path / "uni"), vocab_size=330, model_type="unigram",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "uni.model"))
+    info = export_tokenizer(tmp_path / "uni.model", tmp_path / "hf", embedding_rows=512, family="llama")
+    assert info.tokenizer_class == "PreTrainedTokenizerFast" and info.warnings == []
+    assert (info.bos_token_id, info.eos_token_id) == (sp.bos_id(), sp.eos_id()) == (1, 2)
+    again = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in SAMPLES:  # the generic class reproduces sentencepiece even for leading whitespace
+        assert again(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
