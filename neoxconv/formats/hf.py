@@ -48,7 +48,8 @@ def _weight_files(path: Path, strict: bool = True) -> list[Path]:
 
 
 class _Store:
-    """Tensor name -> file, with lazily opened safetensors handles / mmapped pickles."""
+    """Tensor name -> file. Safetensors files are opened per layer load and closed again, so a
+    conversion does not keep every page it has touched mapped; pickles stay memory-mapped."""
 
     def __init__(self, files: list[Path]):
         self.where: dict[str, Path] = {}
@@ -60,11 +61,11 @@ class _Store:
                     h = safe_open(str(f), framework="pt")
                 except Exception as e:  # noqa: BLE001
                     raise NeoxconvError(f"{f}: not a readable safetensors file ({e})") from None
-                self._open[f] = h
                 for k in h.keys():
                     sl = h.get_slice(k)
                     self.metas[k] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES[sl.get_dtype()], device="meta")
                     self.where[k] = f
+                del h
             else:
                 sd = load_pickle(f)
                 self._open[f] = sd
@@ -73,9 +74,18 @@ class _Store:
                         self.metas[k] = v.to("meta")
                         self.where[k] = f
 
-    def get(self, name: str) -> torch.Tensor:
-        h = self._open[self.where[name]]
-        return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for f, group in by_file.items():
+            if f in self._open:
+                out.update({n: self._open[f][n] for n in group})
+            else:
+                with safe_open(str(f), framework="pt") as h:
+                    out.update({n: h.get_tensor(n) for n in group})
+        return {n: out[n] for n in names}
 
 
 def _real_vocab(path: Path, rows: int) -> int:
@@ -128,7 +138,7 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
         raise NeoxconvError(f"{path}: missing tensors of layer {sorted(expected - have)[0].split('.')[1]}")
 
     def load(group: Group) -> dict[str, torch.Tensor]:
-        return arch.to_canonical((heads, kv), {n: store.get(n) for n in by_group.get(group, [])})
+        return arch.to_canonical((heads, kv), store.get_many(by_group.get(group, [])))
 
     info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0}
     return Checkpoint(spec, TensorMap(metas, load), info)
