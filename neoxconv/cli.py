@@ -121,6 +121,25 @@ def hf_to_neox(
                     vocab_multiple=vocab_multiple)
 
 
+@app.command("llama-to-neox")
+def llama_to_neox(
+    meta_dir: Annotated[Path, typer.Argument(help="Meta Llama directory: params.json + consolidated.XX.pth (any shard count).")],
+    out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree to shard for (independent of the Meta shard count).")] = 1,
+    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree (pipeline layout only).")] = 1,
+    layout: Annotated[str, typer.Option(help="NeoX on-disk layout: pipeline (layer_XX files) or sequential (mp_rank_XX files).")] = "pipeline",
+    neox_schema: Annotated[str, typer.Option(help="NeoX tensor names: current (mlp.linear1/linear2) or legacy (mlp.w1/w2/w3, NeoX before 2024-09).")] = "current",
+    dtype: DtypeOpt = "auto",
+    vocab_multiple: Annotated[int, typer.Option(help="NeoX make_vocab_size_divisible_by: vocab is padded to a multiple of this × TP.")] = 128,
+    qkv_layout: QkvOpt = None,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
+    _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=qkv_layout, force=force,
+                    dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple)
+
+
 @app.command("convert")
 def convert_cmd(
     src: Annotated[Path, typer.Argument(help="Any supported checkpoint (format auto-detected).")],

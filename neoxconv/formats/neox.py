@@ -163,15 +163,22 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
         raise NeoxconvError(f"{where}: mixture-of-experts checkpoints are not supported")
     if "num_attention_heads" not in a:
         raise NeoxconvError(f"{where}: num_attention_heads is unknown: no NeoX YAML in configs/; pass --config FILE")
+    tp = nf.tp
+    layer = nf.rank_states(2)[0]
+    schema = detect_schema(set(layer), str(nf.file_for(2)))
     act_name = a.get("activation", "gelu")
+    llama_legacy = "mlp.w1.weight" in layer  # LLaMAParallelMLP (`mlp_type: llama`): w2(act(w1 x) * w3 x)
+    if llama_legacy:
+        # Legacy Llama YAMLs say `activation: silu` (gated by mlp_type, not by the name).
+        if act_name not in ("silu", "swish", "swiglu"):
+            raise NeoxconvError(f"{where}: legacy Llama MLP (mlp.w1/w3) with activation {act_name!r}; only "
+                                "silu is supported")
+        act_name = "swiglu"
     if act_name not in _ACT:
         raise NeoxconvError(f"{where}: activation {act_name!r} is not supported (supported: {', '.join(_ACT)})")
     activation = _ACT[act_name]
     if activation == "gelu" and a.get("bias_gelu_fusion"):
         activation = "gelu_tanh"
-    tp = nf.tp
-    layer = nf.rank_states(2)[0]
-    schema = detect_schema(set(layer), str(nf.file_for(2)))
     norm_kind = "rmsnorm" if "input_layernorm.scale" in layer else "layernorm"
     vocab_rows = emb[0]["word_embeddings.weight"].shape[0] * tp
     hidden = emb[0]["word_embeddings.weight"].shape[1]
@@ -193,6 +200,10 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
                             "(NeoX stores that interleaved)")
     down = layer.get("mlp.linear2.weight", layer.get("mlp.dense_4h_to_h.weight", layer.get("mlp.w2.weight")))
     gated = act_name == "swiglu"
+    if gated and "mlp.linear1.weight" in layer and layer["mlp.linear1.weight"].shape[0] != 2 * down.shape[1]:
+        # current ParallelMLP rounds F1 and F2 separately; they can disagree (§5.3 edge case)
+        raise NeoxconvError(f"{nf.file_for(2)}: gated mlp.linear1 has {layer['mlp.linear1.weight'].shape[0]} rows per "
+                            f"rank, not twice mlp.linear2's {down.shape[1]} columns")
     rms = norm_kind == "rmsnorm"
     fam = family or _family(a, gated, rms)
     tied = (nf.num_layers + 4) not in nf.indices
@@ -296,6 +307,9 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int, pp: int = 1, layout: str
         raise NeoxconvError(f"--pp {pp} is larger than the {spec.layers} layers")
     if qkv_layout and qkv_layout not in QKV_LAYOUTS:
         raise NeoxconvError(f"unknown --qkv-layout {qkv_layout!r} (known: {', '.join(QKV_LAYOUTS)})")
+    if schema == "legacy" and spec.gated and spec.mlp_bias:
+        raise NeoxconvError("the legacy NeoX Llama MLP (mlp.w1/w2/w3) has no biases, but this model has MLP biases; "
+                            "use --neox-schema current")
     if spec.gqa:
         layout_qkv = qkv_layout or "gqa_blocked"
         if layout_qkv == "mha_interleaved":

@@ -110,6 +110,11 @@ def neox_yaml(spec: ModelSpec, *, tp: int, pp: int, layout: str, vocab_multiple:
         cfg["mlp_multiple_of"] = 1
     else:
         cfg["intermediate_size"] = spec.intermediate
+        if spec.gated:
+            # Legacy LLaMAParallelMLP (w1/w2/w3): selected by mlp_type, gated by it, activation
+            # named silu; intermediate_size is the HF value (NeoX before 2024-09, §5.3).
+            cfg["mlp_type"] = "llama"
+            cfg["activation"] = "silu"
     cfg["make_vocab_size_divisible_by"] = vocab_multiple
     if spec.sliding_window:
         cfg["sliding_window_width"] = spec.sliding_window

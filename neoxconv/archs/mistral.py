@@ -1,0 +1,54 @@
+"""Mistral: HF MistralForCausalLM <-> canonical. Llama plus a sliding attention window.
+
+Everything Mistral-specific:
+- the tensor names are Llama's (archs/llama.py NAMES);
+- `sliding_window` W: a query sees itself and the W-1 keys before it (HF eager/sdpa masks).
+  NeoX's flash-attention window (`sliding_window_width`) lets it see W+1 keys: the one-token
+  gap matters only for contexts longer than W (neox-formats.md §2.3, T17).
+  A model without a window is written with `"sliding_window": null`; a config.json WITHOUT the
+  key means HF's class default, 4096 (T12), so reading honours that default.
+- no biases: HF's MistralAttention/MistralMLP are built with bias=False, so a model with
+  attention or MLP biases must be exported as llama;
+- HF defaults that differ from Llama's: num_key_value_heads 8 (taken from the tensors anyway),
+  max_position_embeddings 4096*32.
+"""
+
+from __future__ import annotations
+
+from neoxconv.archs.base import Arch
+from neoxconv.archs.llama import IGNORED, NAMES, check_llama_like, common_config
+from neoxconv.archs.llama import spec_from_config as llama_spec
+from neoxconv.errors import NeoxconvError
+from neoxconv.spec import ModelSpec
+
+HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096 * 32}
+HF_DEFAULT_WINDOW = 4096
+
+
+def spec_from_config(cfg: dict, shapes: dict[str, tuple]) -> ModelSpec:
+    window = cfg["sliding_window"] if "sliding_window" in cfg else HF_DEFAULT_WINDOW
+    return llama_spec(cfg, shapes, family="mistral", defaults=HF_DEFAULTS,
+                      sliding_window=int(window) if window else None)
+
+
+def config_from_spec(spec: ModelSpec) -> dict:
+    check_llama_like(spec, "mistral")
+    if spec.attn_bias or spec.mlp_bias:
+        raise NeoxconvError("HF Mistral has no attention or MLP biases; export this model as llama")
+    return {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        **common_config(spec),
+        "sliding_window": spec.sliding_window,  # None -> null: full causal attention
+    }
+
+
+ARCH = Arch(
+    family="mistral",
+    architecture="MistralForCausalLM",
+    model_type="mistral",
+    names=NAMES,
+    ignored=IGNORED,
+    spec_from_config=spec_from_config,
+    config_from_spec=config_from_spec,
+)

@@ -1,0 +1,386 @@
+"""Raw Meta Llama checkpoints (`params.json` + `consolidated.XX.pth`) <-> canonical.
+
+One `consolidated.{r:02d}.pth` per model-parallel rank of Meta's fairscale model, each a plain
+dict of tensors (neox-formats.md §6.3, T18):
+
+| Meta name (per layer `layers.{i}.`) | canonical            | split across shards          |
+|-------------------------------------|----------------------|------------------------------|
+| tok_embeddings.weight               | embed.weight         | dim 1 (Llama 1/2), dim 0 (3) |
+| attention.wq / wk / wv.weight       | attn.q / k / v       | dim 0 (column), rotary perm. |
+| attention.wo.weight                 | attn.o.weight        | dim 1 (row)                  |
+| feed_forward.w1 / w3 / w2.weight    | mlp.gate / up / down | dim 0 / dim 0 / dim 1        |
+| attention_norm / ffn_norm.weight    | attn_norm / mlp_norm | replicated                   |
+| norm.weight / output.weight         | final_norm / lm_head | replicated / dim 0           |
+| rope.freqs                          | (ignored)            |                              |
+
+Rotary: Meta rotates adjacent pairs (x_2i, x_2i+1) as complex numbers; the canonical form is
+rotate-half. Per head of d rows in wq (n heads) and wk (n_kv heads), never wv: Meta -> canonical
+views the rows [H, d/2, 2, h] and swaps the middle axes; the inverse views [H, 2, d/2, h].
+
+The embedding split is read from the shapes (a shard of width dim/p was split on dim 1).
+`params.json`: dim, n_layers, n_heads, n_kv_heads (optional), vocab_size (-1: from the
+tensors), multiple_of + ffn_dim_multiplier (FFN size, cross-checked; the shapes win), norm_eps
+(default 1e-5 as in Meta's ModelArgs), rope_theta (default 10000), use_scaled_rope (Llama 3.1
+RoPE scaling: refused, neither NeoX nor the canonical form can hold it). Meta files carry no
+context length: `max_seq_len` is read when present, else 4096 is assumed (it does not change
+any weight or logit, only the HF config's max_position_embeddings).
+
+Writing (`write_meta`) makes N shards for Meta's reference code. Style "llama3" (default):
+embedding split on dim 0 (VocabParallelEmbedding) and params.json with n_kv_heads and
+rope_theta always. Style "llama2": embedding split on dim 1 (ParallelEmbedding) and only the
+keys Llama 1/2 code knows (n_kv_heads when GQA, ffn_dim_multiplier when needed, rope_theta only
+when it is not 10000, as CodeLlama). The style of a Meta source is kept; other sources get
+"llama3". Meta has no vocabulary padding: padded rows are dropped, except that the output
+layer is always split on dim 0, so a vocabulary that the shard count does not divide is padded
+with zero rows to the next multiple (params.json then says that size).
+Each shard file holds the whole model's share of one rank, so shards are written one after
+another: peak memory is one shard plus one layer (each layer is read once per shard).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from neoxconv.checkpoint import Checkpoint
+from neoxconv.errors import NeoxconvError
+from neoxconv.io import load_pickle, owned, read_json, save_pickle, write_json
+from neoxconv.reshard import merge, resize_vocab, split
+from neoxconv.spec import ModelSpec
+from neoxconv.tensormap import Group, TensorMap
+
+PARAMS = "params.json"
+SHARD_FILE = re.compile(r"^consolidated\.(\d+)\.pth$")
+IGNORED = ("rope.freqs",)
+STYLES = ("llama3", "llama2")
+
+# Meta leaf name -> (canonical leaf, TP role: how the shards were split)
+LAYER = {
+    "attention_norm.weight": ("attn_norm.weight", "replicated"),
+    "attention.wq.weight": ("attn.q.weight", "column"),
+    "attention.wk.weight": ("attn.k.weight", "column"),
+    "attention.wv.weight": ("attn.v.weight", "column"),
+    "attention.wo.weight": ("attn.o.weight", "row"),
+    "ffn_norm.weight": ("mlp_norm.weight", "replicated"),
+    "feed_forward.w1.weight": ("mlp.gate.weight", "column"),
+    "feed_forward.w3.weight": ("mlp.up.weight", "column"),
+    "feed_forward.w2.weight": ("mlp.down.weight", "row"),
+}
+FINAL = {
+    "norm.weight": ("final_norm.weight", "replicated"),
+    "output.weight": ("lm_head.weight", "vocab"),
+}
+EMBED = "tok_embeddings.weight"
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary and FFN size
+
+
+def meta_to_rotate_half(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head reordered evens first, then odds: Meta interleaved -> rotate-half."""
+    d = w.shape[0] // heads
+    return w.reshape(heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def rotate_half_to_meta(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of meta_to_rotate_half."""
+    d = w.shape[0] // heads
+    return w.reshape(heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def ffn_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward hidden size (llama/model.py): int(2*4*dim/3), scaled, rounded up."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def ffn_params(dim: int, ffn: int, prefer: dict | None = None) -> dict:
+    """`multiple_of` / `ffn_dim_multiplier` that make Meta's formula give exactly `ffn`."""
+    candidates = []
+    if prefer and "multiple_of" in prefer:
+        candidates.append((int(prefer["multiple_of"]), prefer.get("ffn_dim_multiplier")))
+    candidates += [(m, None) for m in (256, 1024, 4096, 128, 64, 32, 16, 8, 4, 2, 1)]
+    for multiple_of, mult in candidates:
+        if ffn_size(dim, multiple_of, mult) == ffn:
+            out = {"multiple_of": multiple_of}
+            if mult is not None:
+                out["ffn_dim_multiplier"] = mult
+            return out
+    # int(mult * base) lands on ffn or ffn - 1 (float rounding); multiple_of = ffn rounds it to ffn.
+    mult = ffn / int(2 * (4 * dim) / 3)
+    if ffn_size(dim, ffn, mult) != ffn:
+        raise NeoxconvError(f"cannot express an FFN size of {ffn} for dim {dim} with Meta's multiple_of/ffn_dim_multiplier")
+    return {"multiple_of": ffn, "ffn_dim_multiplier": mult}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def is_meta_dir(path: Path) -> bool:
+    return (path / PARAMS).is_file() and any(SHARD_FILE.match(p.name) for p in path.iterdir())
+
+
+def _shard_files(path: Path) -> list[Path]:
+    found = sorted((int(m[1]), path / p.name) for p in path.iterdir() if (m := SHARD_FILE.match(p.name)))
+    if not found:
+        raise NeoxconvError(f"{path}: no consolidated.XX.pth files next to params.json")
+    ranks = [r for r, _ in found]
+    if ranks != list(range(len(ranks))):
+        raise NeoxconvError(f"{path}: consolidated.XX.pth files are not numbered 00..{len(ranks) - 1:02d} (found {ranks})")
+    return [f for _, f in found]
+
+
+def _load_shards(files: list[Path]) -> list[dict[str, torch.Tensor]]:
+    shards = []
+    for f in files:
+        sd = load_pickle(f)  # memory-mapped: tensors are read when touched
+        if not isinstance(sd, dict) or EMBED not in sd:
+            raise NeoxconvError(f"{f}: not a Meta Llama shard (no {EMBED})")
+        shards.append({k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and k not in IGNORED})
+    keys0 = set(shards[0])
+    for f, sd in zip(files[1:], shards[1:]):
+        if set(sd) != keys0:
+            raise NeoxconvError(f"{f}: tensor names differ from {files[0].name} (e.g. {sorted(keys0 ^ set(sd))[0]})")
+    return shards
+
+
+def _check_names(files: list[Path], keys: set[str], n_layers: int) -> None:
+    expected = {EMBED, *FINAL} | {f"layers.{i}.{leaf}" for i in range(n_layers) for leaf in LAYER}
+    missing, extra = expected - keys, keys - expected
+    if missing:
+        raise NeoxconvError(f"{files[0]}: missing tensor {sorted(missing)[0]} (params.json says {n_layers} layers)")
+    if extra:
+        raise NeoxconvError(f"{files[0]}: unexpected tensor {sorted(extra)[0]} for a Llama checkpoint")
+
+
+def _tokenizer(path: Path) -> Path | None:
+    # Llama 3 ships tokenizer.model next to the shards; Llama 1/2 downloads one level up.
+    for d in (path, path.parent):
+        if (d / "tokenizer.model").is_file():
+            return d / "tokenizer.model"
+    return None
+
+
+def read_meta(path: Path, family: str | None = None) -> Checkpoint:
+    path = Path(path)
+    if not (path / PARAMS).is_file():
+        raise NeoxconvError(f"{path}: no params.json (not a Meta Llama checkpoint directory)")
+    params = read_json(path / PARAMS)
+    pfile = path / PARAMS
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in params:
+            raise NeoxconvError(f"{pfile}: missing {key!r}")
+    if params.get("use_scaled_rope"):
+        raise NeoxconvError(f"{pfile}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported: GPT-NeoX has no RoPE scaling")
+    if family not in (None, "llama", "mistral"):
+        raise NeoxconvError(f"{path}: a Meta Llama checkpoint cannot be read as {family!r} (use llama)")
+    files = _shard_files(path)
+    shards = _load_shards(files)
+    p = len(shards)
+    dim, n_layers, heads = int(params["dim"]), int(params["n_layers"]), int(params["n_heads"])
+    _check_names(files, set(shards[0]), n_layers)
+    if dim % heads:
+        raise NeoxconvError(f"{pfile}: dim {dim} is not divisible by n_heads {heads}")
+    d = dim // heads
+
+    def rows(name: str) -> int:
+        return sum(sd[name].shape[0] for sd in shards)
+
+    if rows("layers.0.attention.wq.weight") != dim:
+        raise NeoxconvError(f"{files[0]}: wq has {rows('layers.0.attention.wq.weight')} rows over {p} shard(s), "
+                            f"params.json dim is {dim}")
+    k_rows = rows("layers.0.attention.wk.weight")
+    kv = k_rows // d
+    want_kv = int(params.get("n_kv_heads") or heads)
+    if k_rows != want_kv * d:
+        raise NeoxconvError(f"{files[0]}: wk has {k_rows} rows over {p} shard(s), but {want_kv} KV heads "
+                            f"(params.json n_kv_heads, default n_heads) of size {d} need {want_kv * d}")
+    warnings: list[str] = []
+    ffn = rows("layers.0.feed_forward.w1.weight")
+    if "multiple_of" in params:
+        formula = ffn_size(dim, int(params["multiple_of"]), params.get("ffn_dim_multiplier"))
+        if formula != ffn:
+            warnings.append(f"params.json multiple_of/ffn_dim_multiplier give FFN size {formula}, the tensors have "
+                            f"{ffn}: using {ffn}")
+    vocab = rows("output.weight")
+    if int(params.get("vocab_size", -1)) not in (-1, vocab):
+        warnings.append(f"params.json vocab_size {params['vocab_size']} differs from the {vocab} rows of output.weight: "
+                        f"using {vocab}")
+    emb0 = shards[0][EMBED].shape
+    if p == 1:
+        emb_dim = None
+    elif tuple(emb0) == (vocab // p, dim) and vocab % p == 0:
+        emb_dim = 0
+    elif tuple(emb0) == (vocab, dim // p):
+        emb_dim = 1
+    else:
+        raise NeoxconvError(f"{files[0]}: tok_embeddings shard {tuple(emb0)} fits neither a dim-0 split "
+                            f"({vocab // p}, {dim}) nor a dim-1 split ({vocab}, {dim // p}) of {p} shards")
+
+    def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:
+        def get(name: str) -> list[torch.Tensor]:
+            return [sd[name].to("meta") if meta else sd[name] for sd in shards]
+
+        if group == "embed":
+            parts = get(EMBED)
+            return {"embed.weight": parts[0] if emb_dim is None else torch.cat(parts, dim=emb_dim)}
+        if group == "final":
+            return {canon: merge(get(name), role, False) for name, (canon, role) in FINAL.items()}
+        out = {}
+        for leaf, (canon, role) in LAYER.items():
+            t = merge(get(f"layers.{group}.{leaf}"), role, False)
+            if canon == "attn.q.weight":
+                t = meta_to_rotate_half(t, heads)
+            elif canon == "attn.k.weight":
+                t = meta_to_rotate_half(t, kv)
+            out[f"layers.{group}.{canon}"] = t
+        return dict(sorted(out.items()))
+
+    groups: list[Group] = ["embed", *range(n_layers), "final"]
+    metas = {g: load(g, meta=True) for g in groups}
+    spec = ModelSpec(
+        family=family or "llama",
+        hidden=dim,
+        layers=n_layers,
+        heads=heads,
+        kv_heads=kv,
+        intermediate=ffn,
+        vocab_rows=vocab,
+        vocab_size=vocab,
+        norm="rmsnorm",
+        norm_eps=float(params.get("norm_eps", 1e-5)),
+        activation="silu",
+        rotary_pct=1.0,
+        rotary_base=float(params.get("rope_theta", 10000.0)),
+        parallel_residual=False,
+        tied=False,
+        attn_bias=False,
+        mlp_bias=False,
+        max_positions=int(params.get("max_seq_len") or 4096),
+        dtype=str(shards[0][EMBED].dtype).removeprefix("torch."),
+    )
+    tok = _tokenizer(path)
+    layout = {None: "one shard", 0: "tok_embeddings split on dim 0 (Llama 3)",
+              1: "tok_embeddings split on dim 1 (Llama 1/2)"}[emb_dim]
+    info = {"format": "meta", "path": str(path), "shards": p, "tp": p, "layout": layout, "embedding_split_dim": emb_dim,
+            "meta_style": _style_of(emb_dim, params), "params": params, "iteration": 0,
+            "tokenizer": str(tok) if tok else None, "warnings": warnings}
+    return Checkpoint(spec, TensorMap(metas, load), info)
+
+
+def _style_of(emb_dim: int | None, params: dict) -> str:
+    """Which reference code a source was made for: its embedding split, else its params keys."""
+    if emb_dim is not None:
+        return "llama2" if emb_dim == 1 else "llama3"
+    return "llama3" if "rope_theta" in params else "llama2"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _check_writable(spec: ModelSpec, shards: int) -> None:
+    why = None
+    if spec.norm != "rmsnorm" or spec.activation != "silu":
+        why = f"it needs RMSNorm and SwiGLU (this model: {spec.norm}, {spec.activation})"
+    elif spec.attn_bias or spec.mlp_bias:
+        why = "it has no attention or MLP biases"
+    elif spec.rotary_pct != 1.0:
+        why = f"it rotates whole heads (this model: rotary_pct {spec.rotary_pct})"
+    elif spec.parallel_residual:
+        why = "it has no parallel (GPT-J) residual"
+    elif spec.sliding_window:
+        why = f"it has no sliding-window attention (this model: window {spec.sliding_window})"
+    if why:
+        raise NeoxconvError(f"cannot write a Meta Llama checkpoint: {why}")
+    if shards < 1:
+        raise NeoxconvError(f"--tp (Meta shard count) must be at least 1, got {shards}")
+    spec.check_tp(shards)
+
+
+def meta_params(spec: ModelSpec, vocab: int, style: str, prefer: dict | None = None) -> dict:
+    """params.json for Meta's reference code (no max_seq_len: its loader passes that itself)."""
+    ffn = ffn_params(spec.hidden, spec.intermediate, prefer)
+    out: dict = {"dim": spec.hidden, **({"ffn_dim_multiplier": ffn["ffn_dim_multiplier"]}
+                                        if "ffn_dim_multiplier" in ffn else {}),
+                 "multiple_of": ffn["multiple_of"], "n_heads": spec.heads}
+    if style == "llama3" or spec.gqa:
+        out["n_kv_heads"] = spec.kv_heads
+    out.update({"n_layers": spec.layers, "norm_eps": spec.norm_eps})
+    if style == "llama3" or spec.rotary_base != 10000.0:
+        theta = spec.rotary_base
+        out["rope_theta"] = int(theta) if float(theta).is_integer() else theta
+    out["vocab_size"] = vocab
+    return out
+
+
+def write_meta(ckpt: Checkpoint, out: Path, *, shards: int, dtype: torch.dtype | None = None,
+               progress: Callable[[str], None] | None = None, style: str | None = None) -> dict:
+    """Write `consolidated.00.pth` ... and `params.json` into `out` (exists, empty)."""
+    spec = ckpt.spec
+    _check_writable(spec, shards)
+    style = style or ckpt.info.get("meta_style") or "llama3"
+    if style not in STYLES:
+        raise NeoxconvError(f"unknown Meta style {style!r} (use llama3 or llama2)")
+    out_dtype = dtype or getattr(torch, spec.dtype)
+    vocab = spec.vocab_size
+    if vocab % shards:
+        vocab = -(-vocab // shards) * shards  # output.weight is always split on dim 0
+    emb_dim = 1 if style == "llama2" else 0
+    heads, kv = spec.heads, spec.kv_heads
+
+    def to_meta(group: Group, t: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Meta name -> per-rank pieces for one group."""
+        t = {k: v.to(out_dtype) for k, v in t.items()}
+        if group == "embed":
+            emb = resize_vocab(t["embed.weight"], vocab, spec.vocab_size)
+            return {EMBED: list(emb.chunk(shards, dim=emb_dim)) if shards > 1 else [emb]}
+        if group == "final":
+            head = t["lm_head.weight"] if "lm_head.weight" in t else ckpt.tensors.load_group("embed")["embed.weight"].to(out_dtype)
+            return {"norm.weight": split(t["final_norm.weight"], "replicated", shards, False),
+                    "output.weight": split(resize_vocab(head, vocab, spec.vocab_size), "vocab", shards, False)}
+        pieces = {}
+        for leaf, (canon, role) in LAYER.items():
+            x = t[f"layers.{group}.{canon}"]
+            if canon == "attn.q.weight":
+                x = rotate_half_to_meta(x, heads)
+            elif canon == "attn.k.weight":
+                x = rotate_half_to_meta(x, kv)
+            pieces[f"layers.{group}.{leaf}"] = split(x, role, shards, False)
+        return pieces
+
+    groups = ckpt.tensors.groups()
+    for rank in range(shards):
+        state: dict[str, torch.Tensor] = {}
+        for group in groups:
+            for name, parts in to_meta(group, ckpt.tensors.load_group(group)).items():
+                state[name] = owned(parts[rank])
+            if progress and rank == shards - 1:
+                progress(f"layer {group}" if isinstance(group, int) else str(group))
+        save_pickle(_meta_order(state), out / f"consolidated.{rank:02d}.pth")
+        del state
+    prefer = ckpt.info.get("params") if ckpt.info.get("format") == "meta" else None
+    params = meta_params(spec, vocab, style, prefer)
+    write_json(out / PARAMS, params)
+    out_spec = spec.replace(vocab_rows=vocab, vocab_size=min(spec.vocab_size, vocab), tied=False,
+                            dtype=str(out_dtype).removeprefix("torch."))
+    return {"shards": shards, "vocab_rows": vocab, "embedding_split_dim": emb_dim if shards > 1 else None,
+            "style": style, "params": params, "spec": out_spec}
+
+
+def _meta_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta's key order: tok_embeddings, layers in order, norm, output."""
+    def key(name: str) -> tuple:
+        if name == EMBED:
+            return (0, 0, "")
+        if name.startswith("layers."):
+            return (1, int(name.split(".")[1]), "")
+        return (2, 0, "" if name == "norm.weight" else "z")
+    return dict(sorted(state.items(), key=lambda kv: key(kv[0])))
