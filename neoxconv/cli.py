@@ -29,8 +29,14 @@ ConfigOpt = Annotated[Optional[list[Path]], typer.Option(
 QkvOpt = Annotated[Optional[str], typer.Option(
     "--qkv-layout", help="NeoX fused-QKV layout for GQA models: gqa_blocked (NeoX since 2024-11, default) "
                          "or gqa_fakehead (NeoX 2024-02..2024-11). MHA models are always interleaved.")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option(
+    "--tokenizer", help="Tokenizer for the export: a tokenizer.json, a tokenizer.model or an HF tokenizer dir "
+                        "(default: the one the source names, e.g. the NeoX config's vocab-file).")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Load pickled inputs with full unpickling (can run code: only for files you trust).")]
+VerifyOpt = Annotated[bool, typer.Option(
+    "--verify", help="After writing, check logit parity of OUT against the source (fp32); on failure exit 1 and "
+                     "move the output to OUT.parity-failed/ (report inside). See docs/parity.md.")]
 
 
 @app.callback()
@@ -56,12 +62,25 @@ def _progress(total: int, what: str):
     return prog, step
 
 
-def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, **kw) -> dict:
+def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False, **kw) -> dict:
     from neoxconv.convert import convert
     from neoxconv.io import set_trust_pickle
 
     set_trust_pickle(trust_pickle)
     holder: dict = {}
+    if verify:  # parity of the finished temp dir against the source, before it lands at OUT
+        from neoxconv.parity_run import verifier
+
+        check = verifier(src, out, to=to, config_files=kw.get("config_files"), family=kw.get("family"),
+                         qkv_layout=kw.get("qkv_layout"), force=kw.get("force", False), console=console)
+
+        def after_write(tmp: Path, result: dict) -> None:
+            if "prog" in holder:
+                holder["prog"].stop()
+            console.print("verifying: logit parity of the output against the source (fp32) ...")
+            check(tmp, result)
+
+        kw["after_write"] = after_write
 
     def on_read(ckpt) -> None:
         holder["prog"], holder["step"] = _progress(len(ckpt.tensors.groups()), f"{ckpt.info['format']} → {to}")
@@ -89,15 +108,26 @@ def neox_to_hf(
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")] = "5GB",
     trim_vocab_padding: Annotated[bool, typer.Option(help="Drop padded embedding rows beyond the real vocabulary.")] = False,
     qkv_layout: QkvOpt = None,
+    tokenizer: TokenizerOpt = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", help="After converting, upload OUT to this Hub repo (namespace/name) in one commit.")] = None,
+    revision: Annotated[Optional[str], typer.Option(
+        "--revision", help="Branch for --push-to-hub, created if missing (e.g. step143000).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repo as private (--push-to-hub).")] = False,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = False,
 ) -> None:
     """Export a GPT-NeoX checkpoint (pipeline or sequential layout, any TP/PP) to Hugging Face."""
     from neoxconv.io import parse_size
 
     _run_conversion(ckpt, out, "hf", trust_pickle, src_format="neox", config_files=config, family=_family(arch),
                     qkv_layout=qkv_layout, force=force, dtype=dtype, max_shard_size=parse_size(max_shard_size),
-                    trim_vocab_padding=trim_vocab_padding)
+                    trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, verify=verify)
+    if push_to_hub:
+        from neoxconv.upload import upload_command
+
+        upload_command(out, push_to_hub, revision=revision, private=private, console=console)
 
 
 @app.command("hf-to-neox")
@@ -114,11 +144,12 @@ def hf_to_neox(
     qkv_layout: QkvOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = False,
 ) -> None:
     """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP."""
     _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch), qkv_layout=qkv_layout,
                     force=force, dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema,
-                    vocab_multiple=vocab_multiple)
+                    vocab_multiple=vocab_multiple, verify=verify)
 
 
 @app.command("llama-to-neox")
@@ -134,10 +165,12 @@ def llama_to_neox(
     qkv_layout: QkvOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = False,
 ) -> None:
     """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
     _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=qkv_layout, force=force,
-                    dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple)
+                    dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple,
+                    verify=verify)
 
 
 @app.command("convert")
@@ -156,8 +189,10 @@ def convert_cmd(
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard (hf target).")] = "5GB",
     trim_vocab_padding: Annotated[bool, typer.Option(help="Drop padded vocab rows (hf target).")] = False,
     qkv_layout: QkvOpt = None,
+    tokenizer: TokenizerOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = False,
 ) -> None:
     """Convert any supported checkpoint to any target, including NeoX → NeoX resharding."""
     from neoxconv.errors import NeoxconvError
@@ -172,7 +207,54 @@ def convert_cmd(
     else:
         raise NeoxconvError(f"unknown --to {to!r} (use neox, hf or meta)")
     _run_conversion(src, out, to, trust_pickle, config_files=config, family=_family(arch), qkv_layout=qkv_layout,
-                    force=force, dtype=dtype, **opts)
+                    force=force, dtype=dtype, tokenizer=tokenizer, verify=verify, **opts)
+
+
+@app.command("parity")
+def parity_cmd(
+    a: Annotated[Path, typer.Argument(help="Reference checkpoint (any format), e.g. the training checkpoint.")],
+    b: Annotated[Path, typer.Argument(help="Candidate checkpoint (any format), e.g. the converted output.")],
+    tokens: Annotated[int, typer.Option("--tokens", help="Sequence length of the random batch.")] = 64,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences in the random batch.")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random token ids.")] = 0,
+    text: Annotated[Optional[str], typer.Option(
+        "--text", help="Compare on this text (tokenized with A's or B's tokenizer) instead of random ids.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype of both forwards: fp32 (the proof), fp16 or bf16.")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")] = "cpu",
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default: per dtype).")] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default: per dtype).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write the JSON report to this file ('-' = stdout; the tables then go to stderr).")] = None,
+    config: ConfigOpt = None,
+    config_b: Annotated[Optional[list[Path]], typer.Option(
+        "--config-b", help="NeoX YAML file(s) for B (--config is for A). Repeatable.")] = None,
+    arch: ArchOpt = "auto",
+    qkv_layout: QkvOpt = None,
+    replicated: Annotated[str, typer.Option(
+        "--replicated", help="NeoX norm copies that differ across TP ranks: own (each rank its own, as NeoX "
+                             "computes) or mean (what an HF export holds).")] = "own",
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Compare the logits of two checkpoints (any formats) on one token batch; exit 0 pass, 1 fail, 2 bad input."""
+    from transformers.utils import logging as hf_logging
+
+    from neoxconv.io import set_trust_pickle
+    from neoxconv.parity_run import render_report, run_parity, save_report
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    set_trust_pickle(trust_pickle)
+    report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype, device=device,
+                        atol=atol, rtol=rtol, config_files=config, config_files_b=config_b, arch=_family(arch),
+                        qkv_layout=qkv_layout, replicated=replicated)
+    if json_out is not None and str(json_out) == "-":
+        print(report.to_json(indent=2))
+        render_report(report, console)
+    else:
+        if json_out is not None:
+            save_report(report, json_out)
+        render_report(report, out_console)
+    raise typer.Exit(0 if report.passed else 1)
 
 
 @app.command("inspect")
@@ -194,6 +276,25 @@ def inspect_cmd(
         print(json.dumps(info, indent=2))
     else:
         render(info, out_console)
+
+
+@app.command("upload")
+def upload_cmd(
+    directory: Annotated[Path, typer.Argument(help="Exported Hugging Face directory (config.json, weights, tokenizer, README.md).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, namespace/name (a bare name uses the token owner's namespace).")],
+    revision: Annotated[Optional[str], typer.Option("--revision", "-r", help="Branch to push to, created from main if missing; one per training step, e.g. step143000. Default: main.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private; refuse to upload if it already exists and is public.")] = False,
+    commit_message: Annotated[Optional[str], typer.Option("--commit-message", "-m", help="Commit title. Default: 'Upload <dir name> with neoxconv <version>'.")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request against main instead of pushing (not with --revision).")] = False,
+    token: Annotated[Optional[str], typer.Option("--token", help="Hugging Face token. Default: $HF_TOKEN, then the stored login.")] = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub URL, e.g. a mirror. Default: $HF_ENDPOINT or https://huggingface.co.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the files and sizes that would be uploaded; send nothing.")] = False,
+) -> None:
+    """Upload an exported model to the Hugging Face Hub in one commit (validated first)."""
+    from neoxconv.upload import upload_command
+
+    upload_command(directory, repo_id, revision=revision, private=private, commit_message=commit_message,
+                   create_pr=create_pr, token=token, endpoint=endpoint, dry_run=dry_run, console=console)
 
 
 @app.command("demo")

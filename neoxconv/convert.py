@@ -22,8 +22,14 @@ def parse_dtype(name: str):
 def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, config_files: list[Path] | None = None,
             family: str | None = None, qkv_layout: str | None = None, force: bool = False, dtype: str = "auto",
             progress: Callable[[str], None] | None = None, on_read: Callable | None = None,
-            after_write: Callable[[Path, dict], None] | None = None, **write_opts) -> dict:
-    """Convert `src` into a new directory `out` in format `to`. Nothing is left at `out` on failure."""
+            after_write: Callable[[Path, dict], None] | None = None, tokenizer: Path | None = None,
+            **write_opts) -> dict:
+    """Convert `src` into a new directory `out` in format `to`. Nothing is left at `out` on failure.
+
+    HF outputs also get the tokenizer and a model card; NeoX outputs a copy of the tokenizer
+    that the written YAML points at (neoxconv.publish). `after_write(tmp, result)` runs on the
+    finished temporary directory before it is renamed into place (the --verify hook).
+    """
     from neoxconv import graph
     from neoxconv.io import atomic_output_dir
 
@@ -40,9 +46,16 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         write_opts["qkv_layout"] = qkv_layout
     if to == "hf" and family:
         write_opts["family"] = family
+    from neoxconv import publish
+
     with atomic_output_dir(out, force=force) as tmp:
+        if to == "neox":
+            write_opts["extra_yaml"] = {**publish.neox_tokenizer_yaml(tmp, out, ckpt, tokenizer),
+                                        **write_opts.get("extra_yaml", {})}
         result = graph.write(ckpt, to, tmp, progress=progress, dtype=parse_dtype(dtype), **write_opts)
         result["source"] = ckpt
+        if to == "hf":
+            publish.finish_hf_export(tmp, ckpt, result, tokenizer)
         if after_write:
             after_write(tmp, result)
     return result

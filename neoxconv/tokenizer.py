@@ -671,3 +671,16 @@ def copy_tokenizer_for_neox(source: str | os.PathLike, out_dir: str | os.PathLik
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def tokenizer_size(path: str | os.PathLike) -> int | None:
+    """Number of tokens of a tokenizers JSON or SentencePiece model (None if unreadable)."""
+    p = Path(path)
+    try:
+        if p.suffix == ".model":
+            return len(_read_spm(p).pieces)
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(p)).get_vocab_size(with_added_tokens=True)
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer only loses the padding information
+        return None
