@@ -148,3 +148,27 @@ def test_dtype_option_casts_outputs(sources, tmp_path, dtype, torch_dtype):
     for name, t in hf_tensors(src).items():
         assert got[name].dtype == torch_dtype
         assert torch.equal(got[name], t.to(torch_dtype)), name
+
+
+def test_odd_mlp_size_needs_legacy_schema(tmp_path):
+    from neoxconv.errors import NeoxconvError
+
+    src = save_hf(tiny_hf_model("gptneox", intermediate_size=63), tmp_path / "odd")
+    with pytest.raises(NeoxconvError, match="odd size 63"):
+        convert(src, tmp_path / "neox", to="neox")
+    assert not (tmp_path / "neox").exists()
+    convert(src, tmp_path / "neox", to="neox", schema="legacy")
+    convert(tmp_path / "neox", tmp_path / "back", to="hf", trim_vocab_padding=True)
+    a, b = hf_tensors(src), hf_tensors(tmp_path / "back")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_written_yaml_is_block_style_and_parses_back(tmp_path, sources):
+    src, _ = sources[0]
+    convert(src, tmp_path / "neox", to="neox", tp=2)
+    text = next((tmp_path / "neox").glob("global_step*/configs/neoxconv.yml")).read_text()
+    assert "{" not in text  # one key per line, readable and diffable
+    from neoxconv.formats.neox_config import read_configs
+
+    cfg, _ = read_configs([next((tmp_path / "neox").glob("global_step*/configs/neoxconv.yml"))])
+    assert cfg["model_parallel_size"] == 2 and cfg["layernorm_epsilon"] == 1e-5

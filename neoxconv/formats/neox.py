@@ -307,6 +307,11 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int, pp: int = 1, layout: str
         raise NeoxconvError(f"--pp {pp} is larger than the {spec.layers} layers")
     if qkv_layout and qkv_layout not in QKV_LAYOUTS:
         raise NeoxconvError(f"unknown --qkv-layout {qkv_layout!r} (known: {', '.join(QKV_LAYOUTS)})")
+    if schema == "current" and not spec.gated and spec.intermediate % 2:
+        # current ParallelMLP builds linear1 with roundup(I, 2*mlp_multiple_of) rows but linear2
+        # with roundup(I, mlp_multiple_of) columns: an odd I cannot be rebuilt (§5.3).
+        raise NeoxconvError(f"current NeoX cannot build an MLP of odd size {spec.intermediate}; "
+                            "use --neox-schema legacy")
     if schema == "legacy" and spec.gated and spec.mlp_bias:
         raise NeoxconvError("the legacy NeoX Llama MLP (mlp.w1/w2/w3) has no biases, but this model has MLP biases; "
                             "use --neox-schema current")

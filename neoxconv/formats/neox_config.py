@@ -138,5 +138,5 @@ def neox_yaml(spec: ModelSpec, *, tp: int, pp: int, layout: str, vocab_multiple:
     header = (f"# GPT-NeoX config written by neoxconv {__version__}{' from ' + source if source else ''}.\n"
               f"# Layout: {layout}, TP={tp}, PP={cfg['pipe_parallel_size']}, names: {schema} schema.\n"
               "# Merge your data/optimizer/training settings into this file; keep the model keys.\n")
-    body = yaml.safe_dump({k.replace("_", "-"): v for k, v in cfg.items()}, sort_keys=False, default_flow_style=None)
+    body = yaml.safe_dump({k.replace("_", "-"): v for k, v in cfg.items()}, sort_keys=False, default_flow_style=False)
     return header + body
