@@ -289,7 +289,7 @@ def _tokenizer_size(nf: NeoxFiles) -> int | None:
 # writing
 
 
-def write_neox(ckpt: Checkpoint, out: Path, *, tp: int, pp: int = 1, layout: str = "pipeline",
+def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout: str = "pipeline",
                schema: str = "current", dtype: torch.dtype | None = None, vocab_multiple: int = 128,
                qkv_layout: str | None = None, progress: Callable[[str], None] | None = None,
                extra_yaml: dict | None = None) -> dict:
