@@ -100,13 +100,34 @@ class NeoxFiles:
         self._cache = (idx, states)
         return states
 
+    def rank_state(self, idx: int, rank: int) -> dict[str, torch.Tensor]:
+        """Tensors of spec index `idx` on TP rank `rank` only: reads that rank's file and no other
+        (a TP training process loads just its own shards)."""
+        if self._cache and self._cache[0] == idx:
+            return self._cache[1][rank]
+        if idx not in self.indices:
+            raise KeyError(idx)
+        if not 0 <= rank < self.tp:
+            raise NeoxconvError(f"{self.tag_dir}: TP rank {rank} out of range (tp={self.tp})")
+        if self.layout == "pipeline":
+            sd = load_pickle(self._files[(idx, rank)])
+            if not isinstance(sd, dict):
+                raise NeoxconvError(f"{self._files[(idx, rank)]}: expected a dict of tensors")
+            return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        prefix = f"sequential.{idx}."
+        module = load_pickle(self._rank_files[rank])["module"]
+        return {k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)}
+
     def file_for(self, idx: int, rank: int = 0) -> Path:
         if self.layout == "pipeline":
             return self._files[(idx, rank)]
         return self.tag_dir / f"mp_rank_{rank:02d}_model_states.pt"
 
 
-def open_neox(path: Path, config_files: list[Path] | None = None) -> NeoxFiles:
+def open_neox(path: Path, config_files: list[Path] | None = None, ranks: tuple[int, ...] | None = None) -> NeoxFiles:
+    """Open a checkpoint. `ranks`: the TP ranks the caller will read (default all); opening then
+    reads only those ranks' files (the others are checked by name only)."""
+    ranks = tuple(ranks) if ranks else None
     tag_dir = resolve_tag_dir(Path(path))
     configs = list(config_files or []) or find_config_files(tag_dir)
     args, used = read_configs(configs) if configs else ({}, [])
@@ -115,8 +136,15 @@ def open_neox(path: Path, config_files: list[Path] | None = None) -> NeoxFiles:
     mp_files = sorted((int(m[1]), tag_dir / n) for n in names if (m := MP_FILE.match(n)))
     iteration = _iteration(tag_dir, mp_files)
     if layer_files:
-        return _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration)
-    return _open_sequential(tag_dir, mp_files, args, used, iteration)
+        return _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration, ranks)
+    return _open_sequential(tag_dir, mp_files, args, used, iteration, ranks)
+
+
+def _first_rank(tag_dir: Path, tp: int, ranks: tuple[int, ...] | None) -> int:
+    for r in ranks or ():
+        if not 0 <= r < tp:
+            raise NeoxconvError(f"{tag_dir}: TP rank {r} requested, but the checkpoint has tp={tp}")
+    return min(ranks) if ranks else 0
 
 
 def _iteration(tag_dir: Path, mp_files: list) -> int:
@@ -124,7 +152,7 @@ def _iteration(tag_dir: Path, mp_files: list) -> int:
     return int(m[1]) if m else 0
 
 
-def _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration) -> NeoxFiles:
+def _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration, want=None) -> NeoxFiles:
     by_idx: dict[int, dict[int, Path]] = {}
     for idx, rank, p in layer_files:
         by_idx.setdefault(idx, {})[rank] = p
@@ -142,18 +170,22 @@ def _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration) -> Neo
     files = {(idx, r): p for idx, ranks in by_idx.items() for r, p in ranks.items()}
     pp = max(1, len(mp_files) // tp) if mp_files else int(args.get("pipe_parallel_size") or 1)
     nf = NeoxFiles(tag_dir, "pipeline", tp, pp, iteration, args, used, sorted(by_idx), _files=files)
-    nf.num_layers = _check_indices(nf, lambda idx: f"layer_{idx:02d}-model_00-model_states.pt")
+    first = _first_rank(tag_dir, tp, want)
+    nf.num_layers = _check_indices(nf, lambda idx: f"layer_{idx:02d}-model_{first:02d}-model_states.pt", first)
     return nf
 
 
-def _open_sequential(tag_dir, mp_files, args, used, iteration) -> NeoxFiles:
+def _open_sequential(tag_dir, mp_files, args, used, iteration, want=None) -> NeoxFiles:
     if not mp_files:
         raise NeoxconvError(f"{tag_dir}: no mp_rank_XX_model_states.pt files")
     ranks = [r for r, _ in mp_files]
     if ranks != list(range(len(ranks))):
         raise NeoxconvError(f"{tag_dir}: mp_rank files are not numbered 00..{len(ranks) - 1:02d} (found {ranks})")
+    first = _first_rank(tag_dir, len(mp_files), want)
     modules = []
-    for _, p in mp_files:
+    for r, p in mp_files:
+        if want is not None and r not in want:
+            continue
         state = load_pickle(p)
         module = state.get("module") if isinstance(state, dict) else None
         if not isinstance(module, dict) or not any(SEQ_KEY.match(k) for k in module):
@@ -161,17 +193,18 @@ def _open_sequential(tag_dir, mp_files, args, used, iteration) -> NeoxFiles:
                                 "not a NeoX checkpoint (or its layer files are missing)")
         modules.append({k for k in module if SEQ_KEY.match(k)})
         del state, module
-    tp = len(modules)
+    tp = len(mp_files)
     declared_tp = args.get("model_parallel_size")
     if declared_tp and int(declared_tp) != tp:
         raise NeoxconvError(f"{tag_dir}: {tp} mp_rank file(s), but the config says model_parallel_size {declared_tp}")
     indices = sorted({int(SEQ_KEY.match(k)[1]) for k in modules[0]})
-    for r, keys in enumerate(modules[1:], start=1):
+    read = [r for r, _ in mp_files if want is None or r in want]
+    for r, keys in zip(read[1:], modules[1:]):
         if keys != modules[0]:
             diff = sorted(modules[0] ^ keys)[0]
-            raise NeoxconvError(f"{mp_files[r][1]}: tensor names differ from mp_rank_00 (e.g. {diff})")
+            raise NeoxconvError(f"{mp_files[r][1]}: tensor names differ from mp_rank_{read[0]:02d} (e.g. {diff})")
     nf = NeoxFiles(tag_dir, "sequential", tp, 1, iteration, args, used, indices, _rank_files=[p for _, p in mp_files])
-    nf.num_layers = _check_indices(nf, lambda idx: f"sequential.{idx}.* in mp_rank_00_model_states.pt")
+    nf.num_layers = _check_indices(nf, lambda idx: f"sequential.{idx}.* in mp_rank_{first:02d}_model_states.pt", first)
     return nf
 
 
@@ -187,9 +220,9 @@ def _kind(keys: set[str]) -> str:
     return "unknown"
 
 
-def _check_indices(nf: NeoxFiles, describe) -> int:
-    """Classify spec indices by content and check the T1 layout; returns the layer count."""
-    kinds = {idx: _kind(set(nf.rank_states(idx)[0])) for idx in nf.indices}
+def _check_indices(nf: NeoxFiles, describe, rank: int = 0) -> int:
+    """Classify spec indices by content (rank `rank`'s files) and check the T1 layout; returns the layer count."""
+    kinds = {idx: _kind(set(nf.rank_state(idx, rank))) for idx in nf.indices}
     nf._cache = None
     layers = sorted(i for i, k in kinds.items() if k == "layer")
     norm = [i for i, k in kinds.items() if k == "norm"]
@@ -206,7 +239,7 @@ def _check_indices(nf: NeoxFiles, describe) -> int:
     unknown = [i for i, k in kinds.items() if k == "unknown"]
     if unknown:
         raise NeoxconvError(f"{nf.tag_dir}: unrecognised tensors at spec index {unknown[0]} "
-                            f"({', '.join(sorted(nf.rank_states(unknown[0])[0])[:3])})")
+                            f"({', '.join(sorted(nf.rank_state(unknown[0], rank))[:3])})")
     if kinds.get(n + 4, "head") != "head":
         raise NeoxconvError(f"{nf.tag_dir}: unexpected tensors at spec index {n + 4}")
     return n
