@@ -329,7 +329,11 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
     tag_dir.mkdir(parents=True)
     L = spec.layers
     freq = inv_freq(spec, out_dtype) if schema == "legacy" else None
-    modules: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    # The sequential layout keeps a whole rank in one file. To hold only one layer in memory,
+    # each layer is first saved as a part file; each rank's file is assembled at the end from
+    # memory-mapped parts (page cache, not process memory).
+    parts_dir = tag_dir / ".parts"
+    part_files: list[list[tuple[int, Path]]] = [[] for _ in range(tp)]
 
     def emit(idx: int, per_rank: list[dict[str, torch.Tensor]]) -> None:
         for r, sd in enumerate(per_rank):
@@ -337,7 +341,10 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
             if layout == "pipeline":
                 save_pickle(sd, tag_dir / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
             else:
-                modules[r].update({f"sequential.{idx}.{k}": v for k, v in sd.items()})
+                parts_dir.mkdir(exist_ok=True)
+                path = parts_dir / f"{idx:03d}-{r:02d}.pt"
+                save_pickle(sd, path)
+                part_files[r].append((idx, path))
 
     def cast(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(out_dtype) for k, v in t.items()}
@@ -361,7 +368,9 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
         if progress:
             progress(f"layer {group}" if isinstance(group, int) else str(group))
 
-    _write_mp_rank_files(tag_dir, tp, pp, layout, iteration, modules, schema)
+    _write_mp_rank_files(tag_dir, tp, pp, layout, iteration, part_files)
+    if parts_dir.exists():
+        parts_dir.rmdir()
     out_spec = spec.replace(vocab_rows=rows, dtype=str(out_dtype).removeprefix("torch."))
     (tag_dir / "configs").mkdir()
     yaml_text = neox_yaml(out_spec, tp=tp, pp=pp, layout=layout, vocab_multiple=vocab_multiple, schema=schema,
@@ -374,12 +383,18 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
 
 
 def _write_mp_rank_files(tag_dir: Path, tp: int, pp: int, layout: str, iteration: int,
-                         modules: list[dict], schema: str) -> None:
+                         parts: list[list[tuple[int, Path]]]) -> None:
     """DeepSpeed's model-states files (§1.4, §1.6): PP*TP with module=None in pipeline mode
     (mp = stage*TP + tp, T2), TP with the `sequential.*` module otherwise."""
+    from neoxconv.io import load_pickle
+
     count = pp * tp if layout == "pipeline" else tp
     for mp in range(count):
-        module = None if layout == "pipeline" else modules[mp]
+        module = None
+        if layout == "sequential":
+            module = {}
+            for idx, path in parts[mp]:
+                module.update({f"sequential.{idx}.{k}": v for k, v in load_pickle(path).items()})
         buffers = [k for k in (module or {}) if k.endswith("rotary_emb.inv_freq")]
         state = {
             "module": module,
@@ -395,3 +410,7 @@ def _write_mp_rank_files(tag_dir: Path, tp: int, pp: int, layout: str, iteration
             "iteration": iteration,
         }
         save_pickle(state, tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
+        del module, state
+        if layout == "sequential":
+            for _, path in parts[mp]:
+                path.unlink()
