@@ -340,6 +340,9 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
     check_verify_target(out)
 
     def after_write(tmp: Path, result: dict) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         report = run_parity(src, tmp, config_files=config_files, arch=family, qkv_layout=qkv_layout)
         failed = failed_dir(out)
         report.info["b"]["path"] = str(out if report.passed else failed)

@@ -1,0 +1,208 @@
+"""`neoxconv parity` and `--verify` as a user meets them: exit codes (0 pass, 1 fail, 2 bad
+input), the JSON report, and what --verify leaves on disk.
+
+--verify contract (docs/parity.md): pass -> OUT as usual with OUT/parity-report.json (and, for
+HF outputs, the report in README.md's provenance); fail -> exit 1, nothing at OUT (an OUT that
+--force was to replace is removed too), the output moved to OUT.parity-failed/ with
+parity-report.json inside, no temporary directories left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
+from neoxconv.convert import convert
+from neoxconv.errors import NeoxconvError, ParityFailure
+from neoxconv.parity_run import check_verify_target, logits_for, run_parity, verifier
+from neoxconv.tiny import tiny_hf_model
+
+torch.set_num_threads(2)
+CFG = dict(num_layers=2, hidden_size=32, num_attention_heads=4, rotary_pct=0.25, gpt_j_residual=True,
+           no_weight_tying=True)
+
+
+def run(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "neoxconv", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def raw_neox(path, same_norms: bool):
+    """A DeepSpeed-style NeoX checkpoint at tp 2; with same_norms=False its norm copies differ
+    across ranks, which no HF export can reproduce (parity fails under NeoX's own semantics)."""
+    ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False,
+                                seed=11, same_norms=same_norms)
+    return write_neox_checkpoint(path, ranks, CFG)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli-pair")
+    hf, neox = base / "hf", base / "neox"
+    tiny_hf_model("gptneox", seed=4).save_pretrained(hf)
+    convert(hf, neox, to="neox", tp=2)
+    return hf, neox
+
+
+def no_partials(parent):
+    return not [p for p in parent.iterdir() if ".partial-" in p.name]
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def test_parity_command_pass_writes_json(pair, tmp_path):
+    hf, neox = pair
+    res = run("parity", hf, neox, "--tokens", 16, "--batch", 3, "--seed", 2, "--json", tmp_path / "r.json")
+    assert res.returncode == 0, res.stderr
+    assert "PASS" in res.stdout and "numerics config" in res.stdout
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["verdict"] == "pass" and rep["positions"] == 48 and rep["vocab"] == 100
+    assert (rep["atol"], rep["rtol"], rep["dtype"]) == (2e-4, 1e-4, "float32")
+    assert rep["max_abs_diff"] < 1e-5 and rep["argmax_agreement"] == 1.0
+    info = rep["info"]
+    assert info["a"]["format"] == "hf" and info["b"]["format"] == "neox" and info["b"]["tp"] == 2
+    assert info["b"]["qkv_layout"] == "mha_interleaved"
+    assert info["a"]["config"] == info["b"]["config"] and info["a"]["config"]["rotary_pct"] == 0.5
+    assert info["config_check"] == {"verdict": "pass", "fields": list(info["a"]["config"]), "differences": {}}
+    assert info["batch"] == {"source": "random", "batch": 3, "tokens": 16, "seed": 2, "id_range": [0, 100]}
+    assert info["reasons"] == [] and info["logits_verdict"] == "pass"
+
+
+def test_parity_command_bad_input_exit_2(pair):
+    hf, neox = pair
+    res = run("parity", hf, neox, "--device", "cuda")
+    if torch.cuda.is_available():  # pragma: no cover - CPU CI
+        assert res.returncode == 0
+        return
+    assert res.returncode == 2
+    line = res.stderr.strip()
+    assert len(line.splitlines()) == 1 and "CUDA is not available" in line and "--device cpu" in line
+
+
+def test_run_parity_input_errors(pair, tmp_path):
+    hf, neox = pair
+    for kw, words in (({"dtype": "fp8"}, "fp32, fp16 or bf16"), ({"tokens": 0}, "at least 1"),
+                      ({"replicated": "rank0"}, "own or mean"), ({"device": "tpu"}, "unknown --device"),
+                      ({"device": "mps"}, "only cpu and cuda"),
+                      ({"text": "hello"}, "needs a tokenizer")):
+        with pytest.raises(NeoxconvError, match=words):
+            run_parity(hf, neox, **kw)
+    with pytest.raises(NeoxconvError, match="no such file"):
+        run_parity(hf, tmp_path / "missing")
+
+
+def test_text_batch_through_either_sides_tokenizer(pair, tmp_path):
+    """--text: the HF side's tokenizer (AutoTokenizer), or the NeoX side's HFTokenizer vocab-file."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf, _ = pair
+    tok_hf = tmp_path / "hf-tok"
+    shutil.copytree(hf, tok_hf)
+    vocab = {f"w{i}": i for i in range(99)} | {"[UNK]": 99}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tok_hf / "tokenizer.json"))
+    (tok_hf / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    neox = tmp_path / "neox"
+    convert(tok_hf, neox, to="neox", tp=2)  # copies the tokenizer and points vocab-file at it
+    text = "w1 w2 w3 w50 w98 zz"
+    for a, b in ((tok_hf, neox), (neox, hf)):
+        rep = run_parity(a, b, text=text)
+        assert rep.passed, rep.info["reasons"]
+        assert rep.positions == 6 and rep.info["batch"]["source"] == "text"
+    assert run_parity(tok_hf, neox, text=text).info["batch"]["tokenizer"] == str(tok_hf)
+
+
+def test_meta_side_and_logits_for(tmp_path):
+    """Meta shards go through meta_reference_logits (no merging); logits_for on every format."""
+    hf = tmp_path / "hf"
+    tiny_hf_model("llama", seed=6, hidden_size=64, num_attention_heads=8, num_key_value_heads=4).save_pretrained(hf)
+    meta, neox = tmp_path / "meta", tmp_path / "neox"
+    convert(hf, meta, to="meta", shards=2)
+    convert(meta, neox, to="neox", tp=4, layout="sequential")
+    for a, b in ((meta, hf), (meta, neox)):
+        rep = run_parity(a, b, tokens=16)
+        assert rep.passed, rep.info["reasons"]
+        assert rep.info["a"]["format"] == "meta"
+    ids = torch.tensor([[1, 5, 9, 3]])
+    outs = [logits_for(p, ids) for p in (hf, meta, neox)]
+    assert outs[0].shape == (1, 4, 96) and outs[2].shape[-1] >= 96
+    for o in outs[1:]:
+        assert torch.allclose(o[..., :96], outs[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ --verify
+
+
+def test_verify_pass_cli(tmp_path):
+    src = raw_neox(tmp_path / "neox", same_norms=True)
+    out = tmp_path / "hf"
+    res = run("neox-to-hf", src, out, "--verify")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((out / "parity-report.json").read_text())
+    assert rep["verdict"] == "pass" and rep["info"]["b"]["path"] == str(out)
+    card = (out / "README.md").read_text()
+    assert "### Parity check" in card and "parity-report.json" in card
+    assert not (tmp_path / "hf.parity-failed").exists() and no_partials(tmp_path)
+
+
+def test_verify_fail_cli(tmp_path):
+    """Drifted norm copies: NeoX's own semantics cannot be held by one HF norm -> exit 1."""
+    src = raw_neox(tmp_path / "neox", same_norms=False)
+    out = tmp_path / "hf"
+    res = run("neox-to-hf", src, out, "--verify")
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: parity check failed") and "hf.parity-failed" in last
+    assert "Traceback" not in res.stderr
+    failed = tmp_path / "hf.parity-failed"
+    assert not out.exists() and no_partials(tmp_path)
+    rep = json.loads((failed / "parity-report.json").read_text())
+    assert rep["verdict"] == "fail" and rep["info"]["b"]["path"] == str(failed)
+    assert any("differ across the 2 TP ranks" in n for n in rep["info"]["notes"])
+    assert (failed / "config.json").is_file() and (failed / "model.safetensors").is_file()
+
+
+def test_verify_fail_with_force_clears_out_and_replaces_old_failure(tmp_path):
+    src = raw_neox(tmp_path / "neox", same_norms=False)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("previous export")
+    failed = tmp_path / "hf.parity-failed"
+    failed.mkdir()
+    (failed / "parity-report.json").write_text("{}")
+    (failed / "old.txt").write_text("old failure")
+    with pytest.raises(ParityFailure) as err:
+        convert(src, out, to="hf", force=True, after_write=verifier(src, out, to="hf", force=True))
+    assert err.value.exit_code == 1
+    assert not out.exists() and not (failed / "old.txt").exists()
+    assert json.loads((failed / "parity-report.json").read_text())["verdict"] == "fail"
+
+
+def test_verify_refuses_a_foreign_parity_failed_dir(tmp_path):
+    out = tmp_path / "hf"
+    (tmp_path / "hf.parity-failed").mkdir()
+    with pytest.raises(NeoxconvError, match="not a neoxconv parity-failed output"):
+        check_verify_target(out)
+
+
+def test_verify_to_neox_in_fp16_uses_fp16_tolerance(pair, tmp_path):
+    """--dtype fp16 rounds the weights: a fp16-level change even in fp32 compute, so the report
+    uses the fp16 tolerances and says so; a correct conversion passes."""
+    hf, _ = pair
+    out = tmp_path / "neox16"
+    convert(hf, out, to="neox", tp=2, layout="sequential", dtype="fp16", after_write=verifier(hf, out, to="neox"))
+    rep = json.loads((out / "parity-report.json").read_text())
+    assert rep["verdict"] == "pass" and rep["dtype"] == "float32" and (rep["atol"], rep["rtol"]) == (0.25, 0.02)
+    assert rep["info"]["b"]["stored_dtype"] == "float16"
+    assert any("float16 tolerances" in n for n in rep["info"]["notes"])
