@@ -127,3 +127,11 @@ def test_debug_shows_traceback(tmp_path, hf_dir):
     out = tmp_path / "out"
     r = run("--debug", "hf-to-neox", hf_dir, out, "--tp", "3")
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_demo_runs_and_proves_the_round_trip(tmp_path):
+    r = run("demo", tmp_path / "demo")
+    assert r.returncode == 0, r.stderr
+    assert "bit-exact" in r.stdout and "parity: PASS" in r.stdout
+    assert (tmp_path / "demo" / "neox-tp2" / "latest").is_file()
+    assert (tmp_path / "demo" / "hf-export" / "config.json").is_file()
