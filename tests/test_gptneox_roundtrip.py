@@ -172,3 +172,28 @@ def test_written_yaml_is_block_style_and_parses_back(tmp_path, sources):
 
     cfg, _ = read_configs([next((tmp_path / "neox").glob("global_step*/configs/neoxconv.yml"))])
     assert cfg["model_parallel_size"] == 2 and cfg["layernorm_epsilon"] == 1e-5
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_reads_pytorch_model_bin(tmp_path, sharded):
+    """Older HF dirs hold pickled pytorch_model*.bin files (loaded with weights_only=True)."""
+    model = tiny_hf_model("gptneox", seed=7)
+    src = tmp_path / "bin"
+    src.mkdir()
+    model.config.save_pretrained(src)
+    sd = {("embed_out.weight" if k == "lm_head.weight" else k): v.clone() for k, v in model.state_dict().items()}
+    if sharded:
+        names = sorted(sd)
+        half = len(names) // 2
+        files = {"pytorch_model-00001-of-00002.bin": names[:half], "pytorch_model-00002-of-00002.bin": names[half:]}
+        for f, keys in files.items():
+            torch.save({k: sd[k] for k in keys}, src / f)
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: f for f, keys in files.items() for k in keys}}))
+    else:
+        torch.save(sd, src / "pytorch_model.bin")
+    convert(src, tmp_path / "neox", to="neox", tp=2)
+    convert(tmp_path / "neox", tmp_path / "hf", to="hf", trim_vocab_padding=True)
+    got = hf_tensors(tmp_path / "hf")
+    assert got.keys() == sd.keys()
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
