@@ -62,7 +62,7 @@ def neox_json(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory) -> Path:
-    sentencepiece = pytest.importorskip("sentencepiece")
+    import sentencepiece  # in the test extras: trains a real SentencePiece model
     d = tmp_path_factory.mktemp("spm")
     # Llama-style settings: BPE, byte fallback, identity normalization, whitespace kept
     sentencepiece.SentencePieceTrainer.train(
@@ -283,7 +283,7 @@ def test_copy_tokenizer_for_neox(neox_json, spm_model, tmp_path):
 
 
 def test_sentencepiece_unigram_uses_generic_class(tmp_path):
-    sentencepiece = pytest.importorskip("sentencepiece")
+    import sentencepiece  # in the test extras: trains a real SentencePiece model
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS), model_prefix=str(tmp_path / "uni"), vocab_size=330, model_type="unigram",
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
