@@ -257,6 +257,40 @@ def parity_cmd(
     raise typer.Exit(0 if report.passed else 1)
 
 
+@app.command("train-check")
+def train_check_cmd(
+    ckpt: Annotated[Path, typer.Argument(help="NeoX checkpoint (save dir with `latest`, or a global_stepN dir).")],
+    hf: Annotated[Optional[Path], typer.Option(
+        "--hf", help="HF model to compare with (default: the checkpoint converted by neoxconv into a temp dir).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps on both sides.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adamw (torch.optim, same on both sides).")] = "sgd",
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay of the optimizer.")] = 0.0,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences per step.")] = 2,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens per sequence (next-token loss on tokens-1).")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random token batches (step k uses seed+k-1).")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype of both sides: fp32 (the proof), fp16 or bf16.")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="cpu (gloo) or cuda (NCCL, one GPU per TP rank).")] = "cpu",
+    save: Annotated[Optional[Path], typer.Option(
+        "--save", help="Write the updated weights as a NeoX checkpoint (same TP and layout) here, if the check passes.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write the JSON report to this file ('-' = stdout; the table then goes to stderr).")] = None,
+    config: ConfigOpt = None,
+    qkv_layout: QkvOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Tensor-parallel training step(s) on a NeoX checkpoint, one process per TP rank, with loss and
+    gradient parity against the HF model doing the same steps; exit 0 pass, 1 fail, 2 bad input.
+    Runs its own local processes, or joins a torchrun launch. See docs/training.md."""
+    from neoxconv.reference.train_check import TrainCheckOptions, cli_main
+
+    opts = TrainCheckOptions(ckpt=ckpt, hf=hf, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                             batch=batch, tokens=tokens, seed=seed, dtype=dtype, device=device, save=save,
+                             config_files=tuple(config or ()), qkv_layout=qkv_layout, trust_pickle=trust_pickle)
+    to_stdout = json_out is not None and str(json_out) == "-"
+    cli_main(opts, json_out, console if to_stdout else out_console)
+
+
 @app.command("inspect")
 def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="A checkpoint directory of any supported format.")],
