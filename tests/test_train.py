@@ -436,3 +436,12 @@ def test_cli_refuses_existing_save_dir_and_missing_checkpoint(ckpts, tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr
     r = _neoxconv("train-check", tmp_path / "nope")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_torchrun_with_the_wrong_process_count_stops_every_rank(ckpts):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m", "neoxconv",
+           "train-check", str(ckpts["neox"][2])]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("use --nproc-per-node 2") == 1, r.stderr[-3000:]  # rank 0's one line, then all exit
+    assert "train-check PASS" not in r.stdout

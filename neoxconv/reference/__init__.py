@@ -6,6 +6,9 @@
 * :func:`hf_logits` -- the HF side via transformers.
 * :func:`compare_logits` -> :class:`ParityReport`; :func:`make_batch`.
 * :mod:`.ranks` -- simulated and torch.distributed rank groups, :func:`run_distributed`.
+* :mod:`.train` -- TP training on the stored shards (column/row-parallel linear, vocab-parallel
+  embedding and cross-entropy, :class:`~.train.NeoxTrainModel`, optimizer, save back to NeoX);
+  :mod:`.train_check` -- ``neoxconv train-check`` (loss/gradient/update parity against HF).
 
 Heavy imports (transformers) happen only inside :mod:`.hf_forward` functions.
 """

@@ -32,6 +32,7 @@ the size of the HF update (over the elements whose gradient is determined, see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -621,8 +623,9 @@ def _report(opts, files, plan, group, steps, update, neox_only, frozen, tol) -> 
         failures.append(f"replicated gradient differs between ranks by {worst_spread['replica_max_rel_spread']:.3g} "
                         f"({worst_spread['replica_worst_tensor']})")
     if update["update_failing"]:
-        failures.append(f"update differs from HF's by {update['update_max_rel_err']:.3g} of the update "
-                        f"({update['update_worst_tensor']}; {len(update['update_failing'])} tensor(s) > {tol['update_rel']:g})")
+        failures.append(f"weights after the steps differ from HF's by {update['update_max_rel_err']:.3g} x the HF "
+                        f"update ({update['update_worst_tensor']}; {len(update['update_failing'])} tensor(s) > "
+                        f"{tol['update_rel']:g})")
     if neox_only:
         failures.append(f"{len(neox_only)} NeoX tensor(s) without an HF counterpart (e.g. {neox_only[0]})")
     return {
@@ -764,8 +767,9 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run_under_torchrun(opts: TrainCheckOptions) -> dict:
-    """The check in the process group of a ``torchrun`` launch (created here if needed)."""
+@contextlib.contextmanager
+def torchrun_group(opts: TrainCheckOptions) -> Iterator[DistributedGroup]:
+    """The process group of a ``torchrun`` launch (initialised here if needed, and then destroyed)."""
     backend = "nccl" if opts.device == "cuda" else "gloo"
     created = False
     if not dist.is_initialized():
@@ -778,10 +782,16 @@ def run_under_torchrun(opts: TrainCheckOptions) -> dict:
                             f"needs {backend}")
     try:
         device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
-        return _rank_main(DistributedGroup(device=device), opts)
+        yield DistributedGroup(device=device)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def run_under_torchrun(opts: TrainCheckOptions) -> dict:
+    """The check in the process group of a ``torchrun`` launch."""
+    with torchrun_group(opts) as group:
+        return _rank_main(group, opts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -813,26 +823,41 @@ def render(report: dict, console) -> None:
         console.print(f"[green]saved[/green] {report['saved']}", highlight=False)
 
 
-def cli_main(opts: TrainCheckOptions, json_path: Path | None, console) -> None:
-    """``neoxconv train-check``: launch (or join torchrun), print, write JSON, exit 0/1/2."""
-    opts.validate()
-    if under_torchrun():
-        rank = int(os.environ["RANK"])
-        try:
-            report = run_under_torchrun(opts)
-        except _AgreedError as e:
-            if rank != 0:  # rank 0 prints the one error line
-                raise SystemExit(e.exit_code) from None
-            raise
-        if rank != 0:
-            raise SystemExit(0 if report["verdict"] == "pass" else 1)
-    else:
-        report = run_train_check(opts)
+def _emit(report: dict, json_path: Path | None, console) -> None:
     text = json.dumps(report, indent=2, default=str)
     if json_path is not None and str(json_path) == "-":
         print(text)
     elif json_path is not None:
         Path(json_path).write_text(text + "\n")
     render(report, console)
-    if report["verdict"] != "pass":
-        raise ParityFailure("train-check failed: " + "; ".join(report["failures"]))
+
+
+def cli_main(opts: TrainCheckOptions, json_path: Path | None, console) -> None:
+    """``neoxconv train-check``: launch (or join torchrun), print, write JSON, exit 0/1/2.
+
+    Under torchrun every rank exits with the same code (0 pass, 1 fail, 2 bad input), and only
+    after rank 0 has printed: torchrun stops the other ranks as soon as one exits non-zero."""
+    opts.validate()
+    if not under_torchrun():
+        report = run_train_check(opts)
+        _emit(report, json_path, console)
+        if report["verdict"] != "pass":
+            raise ParityFailure("train-check failed: " + "; ".join(report["failures"]))
+        return
+    from rich.console import Console
+
+    with torchrun_group(opts) as group:
+        try:
+            report = _rank_main(group, opts)
+        except _AgreedError as e:
+            if group.rank == 0:
+                Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            dist.barrier(group=group.pg)
+            raise SystemExit(e.exit_code) from None
+        if group.rank == 0:
+            _emit(report, json_path, console)
+            if report["verdict"] != "pass":
+                Console(stderr=True).print(f"[red]error:[/red] train-check failed: {'; '.join(report['failures'])}",
+                                           highlight=False, soft_wrap=True)
+        dist.barrier(group=group.pg)
+    raise SystemExit(0 if report["verdict"] == "pass" else 1)
