@@ -627,7 +627,8 @@ def _report(opts, files, plan, group, steps, update, neox_only, frozen, tol) -> 
                         f"update ({update['update_worst_tensor']}; {len(update['update_failing'])} tensor(s) > "
                         f"{tol['update_rel']:g})")
     if neox_only:
-        failures.append(f"{len(neox_only)} NeoX tensor(s) without an HF counterpart (e.g. {neox_only[0]})")
+        failures.append(f"{len(neox_only)} NeoX tensor(s) without a matching HF tensor (missing, or of another "
+                        f"shape; e.g. {neox_only[0]})")
     return {
         "command": "train-check",
         "checkpoint": str(files.tag_dir),
