@@ -322,7 +322,9 @@ def run_distributed(
                 errors.append(f"timeout after {timeout}s; dead workers: {dead}")
                 break
             if ok:
-                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+                # Results travel as torch.save bytes and are read back with the safe loader:
+                # plain containers, numbers, strings and tensors only.
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break
