@@ -247,6 +247,10 @@ def parity_cmd(
     report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype, device=device,
                         atol=atol, rtol=rtol, config_files=config, config_files_b=config_b, arch=_family(arch),
                         qkv_layout=qkv_layout, replicated=replicated)
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the report; rank 0 speaks
+        raise typer.Exit(0 if report.passed else 1)
     if json_out is not None and str(json_out) == "-":
         print(report.to_json(indent=2))
         render_report(report, console)

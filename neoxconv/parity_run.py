@@ -29,6 +29,7 @@ check the layout alone.
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 import shutil
@@ -149,7 +150,7 @@ class _Side:
         files = self.ckpt.info["files"]
         sem = NeoxSemantics.from_args(files.args, files.qkv_layout)
         source = _DriftWatch(files, sem.gpt_j_residual)
-        out = neox_reference_logits(source, tokens, group=SimulatedGroup(files.tp, device), dtype=dtype,
+        out = neox_reference_logits(source, tokens, group=rank_group(files.tp, device), dtype=dtype,
                                     replicated=replicated).cpu()
         if source.max_drift > 0:
             self.notes.append(
@@ -160,6 +161,24 @@ class _Side:
                    "the logits; rerun with --replicated mean to check the layout alone)." if replicated == "own"
                    else "their mean (what an HF export holds); NeoX itself uses each rank's own copy."))
         return out
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def rank_group(tp: int, device: torch.device):
+    """Ranks simulated in this process, or, under torchrun, one real process per TP rank
+    (gloo on CPU, NCCL on CUDA): the NeoX reference then runs with real collectives."""
+    if not launched_by_torchrun():
+        return SimulatedGroup(tp, device)
+    world = int(os.environ["WORLD_SIZE"])
+    if world != tp:
+        raise NeoxconvError(f"torchrun started {world} processes, but the NeoX checkpoint has TP {tp}: "
+                            f"use --nproc-per-node {tp}")
+    from neoxconv.reference.ranks import DistributedGroup
+
+    return DistributedGroup.from_env()
 
 
 def _sidecar_layout(path: Path) -> str | None:
@@ -253,7 +272,10 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
     logits_a = side_a.logits(ids, dt, dev, replicated)
     logits_b = side_b.logits(ids, dt, dev, replicated)
     diffs = _config_differences(side_a, side_b)
+    backend = (f"torch.distributed ({os.environ['WORLD_SIZE']} processes)" if launched_by_torchrun()
+               else "simulated ranks (one process)")
     info = {"a": side_a.summary(), "b": side_b.summary(), "batch": batch_info, "replicated": replicated,
+            "neox_backend": backend,
             "config_check": {"verdict": "fail" if diffs else "pass", "fields": list(NUMERIC_FIELDS),
                              "differences": diffs}}
     report = compare_logits(logits_b, logits_a, vocab, dt, atol, rtol, info)
