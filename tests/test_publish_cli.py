@@ -105,3 +105,37 @@ def test_explicit_missing_tokenizer(tmp_path, bad):
     out = tmp_path / "hf"
     r = run("neox-to-hf", save, out, "--tokenizer", tmp_path / bad)
     assert r.returncode == 2 and "tokenizer not found" in r.stderr and not out.exists()
+
+
+def test_llama_to_neox_carries_tokenizer_model_to_the_hf_export(tmp_path):
+    """Meta dir with a real SentencePiece tokenizer.model -> NeoX (tokenizer copied, YAML points
+    at it) -> HF: a Llama tokenizer with bos 1 / eos 2 (T16) that encodes like sentencepiece."""
+    import sentencepiece
+
+    from fixtures.llama_factories import meta_shards, save_meta
+
+    model = tiny_hf_model("llama", vocab_size=384)
+    shards, params = meta_shards(model, shards=1, embed_dim=1)
+    meta = save_meta(tmp_path / "meta", shards, params)
+    corpus = ["the quick brown fox jumps over the lazy dog", "llama checkpoints move into neox and back"] * 30
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(meta / "tokenizer"),
+                                             vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(meta / "tokenizer.model"))
+    neox = tmp_path / "neox"
+    r = run("llama-to-neox", meta, neox, "--tp", "2")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(next(neox.glob("global_step*/configs/neoxconv.yml")).read_text())
+    assert cfg["tokenizer-type"] == "SPMTokenizer"
+    assert cfg["vocab-file"] == str((neox / "tokenizer" / "tokenizer.model").resolve())
+    assert (neox / "tokenizer" / "tokenizer.model").read_bytes() == (meta / "tokenizer.model").read_bytes()
+    hf = tmp_path / "hf"
+    r = run("neox-to-hf", neox, hf)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    text = "the lazy fox moves into neox"
+    assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    assert "llama" in yaml.safe_load((hf / "README.md").read_text().split("---")[1])["tags"]
