@@ -30,13 +30,28 @@ QkvOpt = Annotated[Optional[str], typer.Option(
     "--qkv-layout", help="NeoX fused-QKV layout for GQA models: gqa_blocked (NeoX since 2024-11, default) "
                          "or gqa_fakehead (NeoX 2024-02..2024-11). MHA models are always interleaved.")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
-    "--tokenizer", help="Tokenizer for the export: a tokenizer.json, a tokenizer.model or an HF tokenizer dir "
-                        "(default: the one the source names, e.g. the NeoX config's vocab-file).")]
+    "--tokenizer", help="Tokenizer to carry along: a tokenizer.json, a tokenizer.model or an HF tokenizer dir "
+                        "(default: the source's own, e.g. the NeoX config's vocab-file or the HF dir's tokenizer).")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Load pickled inputs with full unpickling (can run code: only for files you trust).")]
 VerifyOpt = Annotated[bool, typer.Option(
     "--verify", help="After writing, check logit parity of OUT against the source (fp32); on failure exit 1 and "
                      "move the output to OUT.parity-failed/ (report inside). See docs/parity.md.")]
+# NeoX-target options, shared by hf-to-neox, llama-to-neox and convert --to neox.
+TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel degree to shard for (convert --to meta: number of "
+                                                 "model-parallel shards).")]
+PpOpt = Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree (pipeline layout only).")]
+LayoutOpt = Annotated[str, typer.Option(
+    "--layout", help="NeoX on-disk layout: pipeline (layer_XX files) or sequential (mp_rank_XX files).")]
+SchemaOpt = Annotated[str, typer.Option(
+    "--neox-schema", help="NeoX tensor names: current (mlp.linear1/linear2) or legacy (dense_h_to_4h / w1-w3 and "
+                          "inv_freq buffers, for NeoX before 2024-09).")]
+VocabMultipleOpt = Annotated[int, typer.Option(
+    "--vocab-multiple", help="NeoX make_vocab_size_divisible_by: the vocab is padded to a multiple of this × TP.")]
+# HF-target options, shared by neox-to-hf and convert --to hf.
+MaxShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")]
+TrimOpt = Annotated[bool, typer.Option(
+    "--trim-vocab-padding", help="Drop padded embedding rows beyond the real vocabulary.")]
 
 
 @app.callback()
@@ -105,8 +120,8 @@ def neox_to_hf(
     config: ConfigOpt = None,
     arch: ArchOpt = "auto",
     dtype: DtypeOpt = "auto",
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")] = "5GB",
-    trim_vocab_padding: Annotated[bool, typer.Option(help="Drop padded embedding rows beyond the real vocabulary.")] = False,
+    max_shard_size: MaxShardOpt = "5GB",
+    trim_vocab_padding: TrimOpt = False,
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
     push_to_hub: Annotated[Optional[str], typer.Option(
@@ -134,35 +149,37 @@ def neox_to_hf(
 def hf_to_neox(
     hf_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json + weights).")],
     out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
-    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree to shard for.")] = 1,
-    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree (pipeline layout only).")] = 1,
-    layout: Annotated[str, typer.Option(help="NeoX on-disk layout: pipeline (layer_XX files) or sequential (mp_rank_XX files).")] = "pipeline",
-    neox_schema: Annotated[str, typer.Option(help="NeoX tensor names: current (mlp.linear1/linear2) or legacy (dense_h_to_4h, inv_freq buffers; older NeoX).")] = "current",
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    layout: LayoutOpt = "pipeline",
+    neox_schema: SchemaOpt = "current",
     dtype: DtypeOpt = "auto",
-    vocab_multiple: Annotated[int, typer.Option(help="NeoX make_vocab_size_divisible_by: vocab is padded to a multiple of this × TP.")] = 128,
+    vocab_multiple: VocabMultipleOpt = 128,
     arch: ArchOpt = "auto",
     qkv_layout: QkvOpt = None,
+    tokenizer: TokenizerOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
 ) -> None:
-    """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP."""
+    """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP (the tokenizer is copied beside it)."""
     _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch), qkv_layout=qkv_layout,
                     force=force, dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema,
-                    vocab_multiple=vocab_multiple, verify=verify)
+                    vocab_multiple=vocab_multiple, tokenizer=tokenizer, verify=verify)
 
 
 @app.command("llama-to-neox")
 def llama_to_neox(
     meta_dir: Annotated[Path, typer.Argument(help="Meta Llama directory: params.json + consolidated.XX.pth (any shard count).")],
     out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
-    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel degree to shard for (independent of the Meta shard count).")] = 1,
-    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree (pipeline layout only).")] = 1,
-    layout: Annotated[str, typer.Option(help="NeoX on-disk layout: pipeline (layer_XX files) or sequential (mp_rank_XX files).")] = "pipeline",
-    neox_schema: Annotated[str, typer.Option(help="NeoX tensor names: current (mlp.linear1/linear2) or legacy (mlp.w1/w2/w3, NeoX before 2024-09).")] = "current",
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    layout: LayoutOpt = "pipeline",
+    neox_schema: SchemaOpt = "current",
     dtype: DtypeOpt = "auto",
-    vocab_multiple: Annotated[int, typer.Option(help="NeoX make_vocab_size_divisible_by: vocab is padded to a multiple of this × TP.")] = 128,
+    vocab_multiple: VocabMultipleOpt = 128,
     qkv_layout: QkvOpt = None,
+    tokenizer: TokenizerOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
@@ -170,7 +187,7 @@ def llama_to_neox(
     """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
     _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=qkv_layout, force=force,
                     dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple,
-                    verify=verify)
+                    tokenizer=tokenizer, verify=verify)
 
 
 @app.command("convert")
@@ -178,16 +195,16 @@ def convert_cmd(
     src: Annotated[Path, typer.Argument(help="Any supported checkpoint (format auto-detected).")],
     out: Annotated[Path, typer.Argument(help="Output directory (created).")],
     to: Annotated[str, typer.Option("--to", help="Target format: neox, hf or meta.")],
-    tp: Annotated[int, typer.Option("--tp", help="Target TP degree (neox), or number of model-parallel shards (meta).")] = 1,
-    pp: Annotated[int, typer.Option("--pp", help="Target pipeline-parallel degree (neox pipeline layout).")] = 1,
-    layout: Annotated[str, typer.Option(help="NeoX layout: pipeline or sequential.")] = "pipeline",
-    neox_schema: Annotated[str, typer.Option(help="NeoX names: current or legacy.")] = "current",
-    vocab_multiple: Annotated[int, typer.Option(help="NeoX make_vocab_size_divisible_by.")] = 128,
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    layout: LayoutOpt = "pipeline",
+    neox_schema: SchemaOpt = "current",
+    vocab_multiple: VocabMultipleOpt = 128,
     config: ConfigOpt = None,
     arch: ArchOpt = "auto",
     dtype: DtypeOpt = "auto",
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard (hf target).")] = "5GB",
-    trim_vocab_padding: Annotated[bool, typer.Option(help="Drop padded vocab rows (hf target).")] = False,
+    max_shard_size: MaxShardOpt = "5GB",
+    trim_vocab_padding: TrimOpt = False,
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
     force: ForceOpt = False,
