@@ -206,6 +206,12 @@ def convert_cmd(
     max_shard_size: MaxShardOpt = "5GB",
     trim_vocab_padding: TrimOpt = False,
     qkv_layout: QkvOpt = None,
+    out_qkv_layout: Annotated[Optional[str], typer.Option(
+        "--out-qkv-layout", help="NeoX → NeoX only: QKV layout to write when it differs from the source's "
+                                 "(e.g. migrate a gqa_fakehead checkpoint of 2024 to gqa_blocked).")] = None,
+    meta_style: Annotated[Optional[str], typer.Option(
+        "--meta-style", help="--to meta: llama3 (embedding split on the vocab, default) or llama2 (split on the "
+                             "hidden dim, params.json keys Llama 1/2 code accepts). Default: the source's, if Meta.")] = None,
     tokenizer: TokenizerOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
@@ -217,10 +223,12 @@ def convert_cmd(
 
     if to == "neox":
         opts = dict(tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple)
+        if out_qkv_layout:
+            opts["out_qkv_layout"] = out_qkv_layout
     elif to == "hf":
         opts = dict(max_shard_size=parse_size(max_shard_size), trim_vocab_padding=trim_vocab_padding)
     elif to == "meta":
-        opts = dict(shards=tp)
+        opts = dict(shards=tp, style=meta_style)
     else:
         raise NeoxconvError(f"unknown --to {to!r} (use neox, hf or meta)")
     _run_conversion(src, out, to, trust_pickle, config_files=config, family=_family(arch), qkv_layout=qkv_layout,

@@ -42,8 +42,10 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
                       qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
     if on_read:
         on_read(ckpt)
-    if to == "neox" and qkv_layout:
-        write_opts["qkv_layout"] = qkv_layout
+    if to == "neox" and (qkv_layout or "out_qkv_layout" in write_opts):
+        # --qkv-layout names the source's layout when the source is NeoX, else the target's;
+        # out_qkv_layout (NeoX -> NeoX) names the target's when it should change.
+        write_opts["qkv_layout"] = write_opts.pop("out_qkv_layout", None) or qkv_layout
     if to == "hf" and family:
         write_opts["family"] = family
     from neoxconv import publish

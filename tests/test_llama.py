@@ -410,3 +410,42 @@ def test_cli_tp_not_dividing_kv_heads(tmp_path, hf_src):
     assert "--tp 4" in text and "2 KV heads" in text, text
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "partial output left behind"
+
+
+def test_neox_to_neox_migrates_fakehead_to_blocked(tmp_path):
+    """A 2024 fake-head GQA checkpoint becomes a current (blocked) one in one convert, unchanged in values."""
+    from neoxconv.formats.neox import read_neox
+
+    model = tiny_hf_model("llama", seed=3, num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
+                          intermediate_size=96)
+    src = save_hf(model, tmp_path / "hf")
+    old, new, back = tmp_path / "old", tmp_path / "new", tmp_path / "back"
+    convert(src, old, to="neox", tp=2, qkv_layout="gqa_fakehead")
+    r = subprocess.run([sys.executable, "-m", "neoxconv", "convert", old, new, "--to", "neox", "--tp", "2",
+                        "--qkv-layout", "gqa_fakehead", "--out-qkv-layout", "gqa_blocked"],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert read_neox(new).info["qkv_layout"] == "gqa_blocked"
+    f_old = torch.load(next(old.glob("global_step*")) / "layer_02-model_00-model_states.pt", weights_only=True)
+    f_new = torch.load(next(new.glob("global_step*")) / "layer_02-model_00-model_states.pt", weights_only=True)
+    assert not torch.equal(f_old["attention.query_key_value.weight"], f_new["attention.query_key_value.weight"])
+    convert(new, back, to="hf", trim_vocab_padding=True)
+    a, b = hf_tensors(src), hf_tensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("style,emb_shape", [("llama2", (96, 16)), ("llama3", (48, 32))])
+def test_convert_to_meta_style_flag(tmp_path, style, emb_shape):
+    model = tiny_hf_model("llama", seed=2)  # vocab 96, hidden 32
+    src = save_hf(model, tmp_path / "hf")
+    out = tmp_path / "meta"
+    r = subprocess.run([sys.executable, "-m", "neoxconv", "convert", src, out, "--to", "meta", "--tp", "2",
+                        "--meta-style", style], capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    shard = torch.load(out / "consolidated.01.pth", weights_only=True)
+    assert tuple(shard["tok_embeddings.weight"].shape) == emb_shape
+    back = tmp_path / "back"
+    convert(out, back, to="hf")
+    a, b = hf_tensors(src), hf_tensors(back)
+    assert all(torch.equal(a[k], b[k]) for k in a)
