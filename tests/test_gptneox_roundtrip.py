@@ -17,6 +17,10 @@ from neoxconv.convert import convert
 SHAPE = dict(hidden_size=48, num_attention_heads=12, intermediate_size=96, vocab_size=100, rotary_pct=0.5)
 VARIANTS = [dict(tie_word_embeddings=t, use_parallel_residual=p, attention_bias=b)
             for t, p, b in itertools.product((False, True), (True, False), (True, False))]
+# Each HF spelling of GELU comes back as itself (gelu_new and gelu_fast compute the same
+# function with different rounding, so a bit-exact round trip must keep the name).
+for v, act in zip(VARIANTS, ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu", "gelu_new", "gelu", "gelu")):
+    v["hidden_act"] = act
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,7 @@ def test_hf_neox_hf_bit_exact(sources, tmp_path, variant, tp, layout, schema):
     for name in a:
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name], b[name]), name
+    assert json.loads((back / "config.json").read_text())["hidden_act"] == VARIANTS[variant]["hidden_act"]
     tag = next(neox.glob("global_step*"))
     if layout == "pipeline":
         assert len(list(tag.glob("layer_02-model_*-model_states.pt"))) == tp

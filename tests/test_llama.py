@@ -449,3 +449,12 @@ def test_convert_to_meta_style_flag(tmp_path, style, emb_shape):
     convert(out, back, to="hf")
     a, b = hf_tensors(src), hf_tensors(back)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_windowless_mistral_stays_mistral_through_neox(tmp_path):
+    model = tiny_hf_model("mistral", seed=1, sliding_window=None)
+    src = save_hf(model, tmp_path / "hf")
+    convert(src, tmp_path / "neox", to="neox", tp=2)
+    convert(tmp_path / "neox", tmp_path / "back", to="hf")
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["architectures"] == ["MistralForCausalLM"] and cfg["sliding_window"] is None

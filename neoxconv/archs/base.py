@@ -33,6 +33,7 @@ class Arch:
     fused_qkv: str | None = None  # HF pattern of a fused, head-interleaved QKV tensor
     read_aliases: dict[str, str] = field(default_factory=dict)  # other HF names accepted on read
     ignored: tuple[str, ...] = ()  # regexes of HF buffers that carry no weights
+    hf_activations: dict[str, str] = field(default_factory=dict)  # HF hidden_act -> ModelSpec activation
 
     # -- name mapping -------------------------------------------------------------------------
     def _rules(self) -> list[tuple[re.Pattern, str]]:

@@ -103,4 +103,5 @@ ARCH = Arch(
     ignored=(r".*\.rotary_emb\.inv_freq", r".*\.attention\.(masked_)?bias", r".*\.attention\.bias"),
     spec_from_config=spec_from_config,
     config_from_spec=config_from_spec,
+    hf_activations=FROM_HF_ACT,
 )

@@ -140,7 +140,7 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
     def load(group: Group) -> dict[str, torch.Tensor]:
         return arch.to_canonical((heads, kv), store.get_many(by_group.get(group, [])))
 
-    info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0}
+    info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0, "hf_hidden_act": cfg.get("hidden_act")}
     return Checkpoint(spec, TensorMap(metas, load), info)
 
 
@@ -160,6 +160,9 @@ def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, m
     rows = spec.vocab_size if trim_vocab_padding else spec.vocab_rows
     out_spec = spec.replace(vocab_rows=rows, dtype=str(out_dtype).removeprefix("torch."))
     config = arch.config_from_spec(out_spec)  # validates the family can hold this model first
+    src_act = ckpt.info.get("hf_hidden_act")
+    if src_act and arch.hf_activations.get(src_act) == out_spec.activation:
+        config["hidden_act"] = src_act  # e.g. gelu_new stays gelu_new: same function, same rounding
 
     def to_hf(group: Group, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         t = {k: v.to(out_dtype) for k, v in t.items()}

@@ -242,7 +242,9 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
     tok = _tokenizer_size(nf)
     if tok:
         vocab_size = tok
-    spec, schema, layout = spec_from_neox(nf, family, qkv_layout, vocab_size)
+    # neoxconv.json also keeps what NeoX's files cannot say: the HF family (a window-less
+    # Mistral is a Llama to NeoX) and the HF spelling of the activation.
+    spec, schema, layout = spec_from_neox(nf, family or extra.get("family"), qkv_layout, vocab_size)
     nf.qkv_layout = layout
     L, tp = spec.layers, nf.tp
 
@@ -273,6 +275,8 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
     info = {"format": "neox", "path": str(nf.tag_dir), "layout": nf.layout, "tp": tp, "pp": nf.pp,
             "iteration": nf.iteration, "schema": schema, "qkv_layout": layout, "neox_args": nf.args,
             "config_files": [str(p) for p in nf.config_files], "files": nf}
+    if extra.get("hf_hidden_act"):
+        info["hf_hidden_act"] = extra["hf_hidden_act"]
     return Checkpoint(spec, tensors, info)
 
 
@@ -376,8 +380,10 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
     yaml_text = neox_yaml(out_spec, tp=tp, pp=pp, layout=layout, vocab_multiple=vocab_multiple, schema=schema,
                           dtype=out_spec.dtype, extra=extra_yaml, source=ckpt.info.get("format", ""))
     (tag_dir / "configs" / "neoxconv.yml").write_text(yaml_text)
-    (tag_dir / SIDECAR).write_text(json.dumps({"vocab_size": spec.vocab_size, "qkv_layout": layout_qkv,
-                                               "schema": schema}, indent=2) + "\n")
+    sidecar = {"vocab_size": spec.vocab_size, "qkv_layout": layout_qkv, "schema": schema, "family": spec.family}
+    if ckpt.info.get("hf_hidden_act"):
+        sidecar["hf_hidden_act"] = ckpt.info["hf_hidden_act"]
+    (tag_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     (out / "latest").write_text(tag)
     return {"tag": tag, "vocab_rows": rows, "qkv_layout": layout_qkv, "spec": out_spec}
 
