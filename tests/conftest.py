@@ -6,3 +6,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Fixtures of the local fake Hugging Face Hub (fake_hub, hub_client_env).
+pytest_plugins = ["hub_server"]

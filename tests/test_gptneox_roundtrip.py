@@ -67,7 +67,9 @@ def test_written_neox_files_follow_deepspeed_conventions(sources, tmp_path):
     L = 2
     names = sorted(p.name for p in tag_dir.glob("layer_*"))
     # embedding 0, layers 2..L+1, final norm L+3, head L+4; none at 1 or L+2 (T1)
-    assert {n.split("-")[0] for n in names} == {"layer_00", "layer_02", "layer_03", "layer_05", "layer_06"}
+    expected = [0, *range(2, L + 2), L + 3, L + 4]
+    assert {n.split("-")[0] for n in names} == {f"layer_{i:02d}" for i in expected} == {
+        "layer_00", "layer_02", "layer_03", "layer_05", "layer_06"}
     # PP*TP model-states files with module=None in pipeline mode (T2)
     mp = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     assert len(mp) == 4

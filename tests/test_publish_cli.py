@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from hub_server import USER, VALID_TOKEN, fake_hub, hub_client_env  # noqa: F401
+from hub_server import USER, VALID_TOKEN
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from fixtures.factories import save_hf, tiny_hf_model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import ORG, READ_TOKEN, USER, VALID_TOKEN, FakeHub, fake_hub, hub_client_env  # noqa: F401
+from hub_server import ORG, READ_TOKEN, USER, VALID_TOKEN, FakeHub
 from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 

@@ -8,7 +8,6 @@ and every shard is flushed as soon as it is complete.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
