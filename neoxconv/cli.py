@@ -54,8 +54,20 @@ TrimOpt = Annotated[bool, typer.Option(
     "--trim-vocab-padding", help="Drop padded embedding rows beyond the real vocabulary.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from neoxconv import __version__
+
+        print(f"neoxconv {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     _state["debug"] = debug
 
 

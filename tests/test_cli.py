@@ -135,3 +135,10 @@ def test_demo_runs_and_proves_the_round_trip(tmp_path):
     assert "bit-exact" in r.stdout and "parity: PASS" in r.stdout
     assert (tmp_path / "demo" / "neox-tp2" / "latest").is_file()
     assert (tmp_path / "demo" / "hf-export" / "config.json").is_file()
+
+
+def test_version():
+    from neoxconv import __version__
+
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"neoxconv {__version__}"
