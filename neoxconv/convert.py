@@ -36,8 +36,9 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise NeoxconvError(f"{out}: output already exists (pass --force to replace it)")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise NeoxconvError(f"{out}: output must not be the source or inside it")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents \
+            or out.resolve() in src.resolve().parents:
+        raise NeoxconvError(f"{out}: output must not be the source, inside it, or contain it")
     ckpt = graph.read(src, fmt=src_format, config_files=config_files, family=family,
                       qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
     if on_read:

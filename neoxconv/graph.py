@@ -27,7 +27,8 @@ def detect(path: Path) -> str:
         if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
             return "meta"
         if (path / "latest").is_file() or any(path.glob("layer_*-model_*-model_states.pt")) \
-                or any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("*/mp_rank_*_model_states.pt")):
+                or any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("*/mp_rank_*_model_states.pt")) \
+                or any(path.glob("*/layer_*-model_*-model_states.pt")):
             return "neox"
         if (path / "config.json").is_file():
             return "hf"  # let the HF reader name the missing weights

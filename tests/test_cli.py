@@ -86,6 +86,13 @@ def test_tp_file_count_mismatch(tmp_path, neox_tp2):
     assert_clean_failure(run("neox-to-hf", neox_tp2, out), out, "layer_03 has 1 TP file(s)", "expected 2")
 
 
+def test_missing_rank_file_of_the_embedding(tmp_path, neox_tp2):
+    """Missing layer_00-model_01: the error names layer_00, not every other layer."""
+    (neox_tp2 / "global_step1000" / "layer_00-model_01-model_states.pt").unlink()
+    out = tmp_path / "out"
+    assert_clean_failure(run("neox-to-hf", neox_tp2, out), out, "layer_00 has 1 TP file(s) (model_00)", "expected 2")
+
+
 def test_tp_that_does_not_divide(tmp_path, hf_dir):
     out = tmp_path / "out"
     assert_clean_failure(run("hf-to-neox", hf_dir, out, "--tp", "3"), out, "--tp 3 does not divide the 4 attention heads")

@@ -14,7 +14,8 @@ from fixtures.factories import hf_tensors, load_hf, logits, save_hf, tiny_hf_mod
 from neoxconv.convert import convert
 
 # 12 heads so that TP 1, 2, 3 and 4 all divide them; rotary on half the head dims.
-SHAPE = dict(hidden_size=48, num_attention_heads=12, intermediate_size=96, vocab_size=100, rotary_pct=0.5)
+# MLP 4 x hidden, the only size the legacy NeoX MLP had.
+SHAPE = dict(hidden_size=48, num_attention_heads=12, intermediate_size=192, vocab_size=100, rotary_pct=0.5)
 VARIANTS = [dict(tie_word_embeddings=t, use_parallel_residual=p, attention_bias=b)
             for t, p, b in itertools.product((False, True), (True, False), (True, False))]
 # Each HF spelling of GELU comes back as itself (gelu_new and gelu_fast compute the same
@@ -91,7 +92,7 @@ def test_written_neox_files_follow_deepspeed_conventions(sources, tmp_path):
     assert cfg["rotary-pct"] == 0.5 and cfg["gpt-j-residual"] is True and cfg["no-weight-tying"] is True
     assert cfg["finetune"] is True and cfg["make-vocab-size-divisible-by"] == 128
     assert cfg["norm"] == "layernorm" and cfg["layernorm-epsilon"] == 1e-5
-    assert cfg["intermediate-size"] == 96 and cfg["activation"] == "gelu" and cfg["bias-gelu-fusion"] is False
+    assert cfg["activation"] == "gelu" and cfg["bias-gelu-fusion"] is False
 
 
 def test_reshard_tp2_tp4_tp1_keeps_the_model(sources, tmp_path):
@@ -157,17 +158,41 @@ def test_dtype_option_casts_outputs(sources, tmp_path, dtype, torch_dtype):
         assert torch.equal(got[name], t.to(torch_dtype)), name
 
 
-def test_odd_mlp_size_needs_legacy_schema(tmp_path):
+def test_mlp_sizes_neox_cannot_rebuild_are_refused(tmp_path):
+    """Current NeoX cannot build an odd MLP (linear1 rounds to 2*m, linear2 to m); the legacy
+    MLP (NeoX before 2024-09) is always 4 x hidden with biases (§5.3)."""
     from neoxconv.errors import NeoxconvError
 
-    src = save_hf(tiny_hf_model("gptneox", intermediate_size=63), tmp_path / "odd")
+    odd = save_hf(tiny_hf_model("gptneox", intermediate_size=63), tmp_path / "odd")
     with pytest.raises(NeoxconvError, match="odd size 63"):
-        convert(src, tmp_path / "neox", to="neox")
+        convert(odd, tmp_path / "neox", to="neox")
+    with pytest.raises(NeoxconvError, match=r"legacy NeoX MLP is always 4 x hidden \(128\)"):
+        convert(odd, tmp_path / "neox", to="neox", schema="legacy")
     assert not (tmp_path / "neox").exists()
-    convert(src, tmp_path / "neox", to="neox", schema="legacy")
+    even = save_hf(tiny_hf_model("gptneox", intermediate_size=64), tmp_path / "even")
+    convert(even, tmp_path / "neox", to="neox")  # current schema holds any even size
     convert(tmp_path / "neox", tmp_path / "back", to="hf", trim_vocab_padding=True)
-    a, b = hf_tensors(src), hf_tensors(tmp_path / "back")
+    a, b = hf_tensors(even), hf_tensors(tmp_path / "back")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lowering_tp_without_a_known_vocab_pins_the_rows(tmp_path):
+    """A NeoX checkpoint with no tokenizer and no record of its real vocab: rows padded for TP 2
+    cannot be trimmed, so the YAML must make NeoX rebuild exactly those rows at TP 1."""
+    from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
+    from neoxconv.formats.neox_config import read_configs
+
+    ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=256, tied=False)
+    src = write_neox_checkpoint(tmp_path / "tp2", ranks, dict(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                                              make_vocab_size_divisible_by=128))
+    convert(src, tmp_path / "tp1", to="neox", tp=1)
+    cfg, _ = read_configs([next((tmp_path / "tp1").glob("global_step*/configs/neoxconv.yml"))])
+    emb = torch.load(next((tmp_path / "tp1").glob("global_step*/layer_00-model_00-model_states.pt")),
+                     weights_only=True)["word_embeddings.weight"]
+    assert emb.shape[0] == 256
+    # NeoX: padded = roundup(tokenizer size, multiple * TP); any tokenizer <= 256 gives 256 rows
+    multiple = cfg["make_vocab_size_divisible_by"] * cfg["model_parallel_size"]
+    assert all(-(-v // multiple) * multiple == 256 for v in (1, 100, 200, 256))
 
 
 def test_written_yaml_is_block_style_and_parses_back(tmp_path, sources):

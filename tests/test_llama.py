@@ -106,7 +106,10 @@ def test_hf_neox_hf_bit_exact(tmp_path, hf_src, case, tp):
         tag = f"{layout}-{schema}-{qkv}"
         neox, back = tmp_path / f"neox-{tag}", tmp_path / f"hf-{tag}"
         res = convert(src, neox, to="neox", tp=tp, layout=layout, schema=schema, qkv_layout=qkv)
-        assert res["qkv_layout"] == (qkv or ("gqa_blocked" if gqa else "mha_interleaved")), tag
+        # GQA default: blocked (NeoX since 2024-11); with legacy names fake-head, the only GQA
+        # layout NeoX had while it used those names.
+        default = ("gqa_fakehead" if schema == "legacy" else "gqa_blocked") if gqa else "mha_interleaved"
+        assert res["qkv_layout"] == (qkv or default), tag
         reference_check(neox, res["qkv_layout"], src_logits)
         convert(neox, back, to="hf", trim_vocab_padding=True, qkv_layout=qkv)
         assert_same_hf_weights(model, back)
@@ -143,9 +146,13 @@ def test_neox_yaml_rebuilds_the_shapes(tmp_path, hf_src):
         tag = out / "global_step0"
         a = {k.replace("-", "_"): v for k, v in yaml.safe_load((tag / "configs" / "neoxconv.yml").read_text()).items()}
         layer = torch.load(tag / "layer_02-model_00-model_states.pt")
-        assert a["num_kv_heads"] == 2 and a["num_attention_heads"] == 8 and a["sliding_window_width"] == 8
+        # HF Mistral's window of 8 keys is NeoX flash's window_size (7, -1): the query + 7 earlier keys
+        assert a["num_kv_heads"] == 2 and a["num_attention_heads"] == 8 and a["sliding_window_width"] == 7
+        assert a["attention_config"] == [[["flash"], 2]]
         assert a["norm"] == "rmsnorm" and a["rms_norm_epsilon"] == model.config.rms_norm_eps
-        assert a["use_bias_in_attn_linear"] is False and a["use_bias_in_mlp"] is False
+        assert a["use_bias_in_attn_linear"] is False
+        # use_bias_in_mlp appeared in NeoX 2024-09, after the legacy names were gone
+        assert a.get("use_bias_in_mlp", False) is False and (schema == "current") == ("use_bias_in_mlp" in a)
         if schema == "current":
             assert a["activation"] == "swiglu" and "mlp_type" not in a
             i, m = a["intermediate_size"], a["mlp_multiple_of"]
@@ -158,7 +165,7 @@ def test_neox_yaml_rebuilds_the_shapes(tmp_path, hf_src):
         else:
             assert a["activation"] == "silu" and a["mlp_type"] == "llama"
             assert a["intermediate_size"] == model.config.intermediate_size == layer["mlp.w1.weight"].shape[0] * tp
-            assert "attention.rotary_emb.inv_freq" in layer and a["rotary_save_freqs_buffer"] is True
+            assert "attention.rotary_emb.inv_freq" in layer
     # an MHA model declares no num_kv_heads and is stored interleaved (NeoX's MHA path, T8)
     _, src_mha, _ = hf_src("llama-mha")
     res = convert(src_mha, tmp_path / "mha", to="neox", tp=2, qkv_layout="gqa_blocked")
@@ -191,7 +198,9 @@ def test_hand_built_neox_exports_to_the_source_model(tmp_path, hf_src, case, lay
     neox = save_neox_llama(tmp_path / "neox", model, tp, layout, schema, vocab_rows=128)
     reference_check(neox, layout, src_logits)
     out = tmp_path / "hf"
-    convert(neox, out, to="hf", qkv_layout=layout if layout == "gqa_fakehead" else None)
+    # Unflagged defaults follow NeoX's history: legacy names -> fake-head GQA, current -> blocked.
+    default = "gqa_fakehead" if schema == "legacy" else "gqa_blocked"
+    convert(neox, out, to="hf", qkv_layout=None if layout in (default, "mha_interleaved") else layout)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == [type(model).__name__]
     assert cfg["vocab_size"] == 128 and cfg["rms_norm_eps"] == model.config.rms_norm_eps

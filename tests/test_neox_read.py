@@ -101,3 +101,59 @@ def test_pickles_are_loaded_without_running_code(tmp_path):
     with pytest.raises(NeoxconvError, match=r"layer_02-model_00-model_states\.pt: cannot load checkpoint.*--trust-pickle"):
         read_neox(save)
     assert not marker.exists()
+
+
+def test_unknown_tensors_and_norms_are_refused_not_dropped(tmp_path):
+    ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
+    ranks[3][1]["attention.qk_layernorm.weight"] = torch.ones(2, 8)  # something neoxconv cannot map
+    save = write_neox_checkpoint(tmp_path / "c", ranks, CFG)
+    with pytest.raises(NeoxconvError, match=r"layer_03-model_01-model_states\.pt: tensor 'attention\.qk_layernorm"):
+        read_neox(save)
+    ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
+    save = write_neox_checkpoint(tmp_path / "d", ranks, dict(CFG, norm="scalenorm"))
+    with pytest.raises(NeoxconvError, match="norm 'scalenorm' is not supported"):
+        read_neox(save)
+
+
+def test_gpt_j_residual_without_mlp_bias_is_refused(tmp_path):
+    """NeoX computes such layers without their attention output; no HF model does that."""
+    ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False,
+                                mlp_bias=False)
+    save = write_neox_checkpoint(tmp_path / "c", ranks, CFG)
+    with pytest.raises(NeoxconvError, match="without their attention output"):
+        read_neox(save)
+
+
+def test_sliding_window_only_with_flash_and_plus_one(tmp_path):
+    """NeoX flash window_size=(W, -1) sees W+1 keys = HF sliding_window W+1; without flash layers
+    NeoX applies no window at all."""
+    from neoxconv.formats.neox import hf_sliding_window
+
+    assert hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash"], 2]]}, 2, "x") == 8
+    assert hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash"], "all"]]}, 2, "x") == 8
+    assert hf_sliding_window({"sliding_window_width": 7}, 2, "x") is None  # default: global attention
+    with pytest.raises(NeoxconvError, match="only some layers"):
+        hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash", "global"], 1]]}, 2, "x")
+
+
+def test_recorded_qkv_layout_is_used_when_reading(tmp_path):
+    """A checkpoint neoxconv wrote in the fake-head layout reads back as fake-head without a flag."""
+    from neoxconv.convert import convert
+    from neoxconv.tiny import tiny_hf_model
+
+    tiny_hf_model("llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
+                  intermediate_size=96).save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "fh", to="neox", tp=2, qkv_layout="gqa_fakehead")
+    assert read_neox(tmp_path / "fh").info["qkv_layout"] == "gqa_fakehead"
+    convert(tmp_path / "hf", tmp_path / "legacy", to="neox", tp=2, schema="legacy")
+    assert read_neox(tmp_path / "legacy").info["qkv_layout"] == "gqa_fakehead"  # legacy names: 2024 GQA
+
+
+def test_output_containing_the_source_is_refused(tmp_path):
+    ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
+    save = write_neox_checkpoint(tmp_path / "save", ranks, CFG)
+    from neoxconv.convert import convert
+
+    with pytest.raises(NeoxconvError, match="must not be the source, inside it, or contain it"):
+        convert(save / "global_step1000", save, to="neox", force=True)
+    assert (save / "global_step1000" / "layer_02-model_00-model_states.pt").is_file()

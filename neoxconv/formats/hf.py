@@ -87,17 +87,17 @@ class _Store:
         return {n: out[n] for n in names}
 
 
-def _real_vocab(path: Path, rows: int) -> int:
+def _real_vocab(path: Path, rows: int) -> int | None:
+    """The tokenizer's size when the directory has a tokenizer.json (None when unknown)."""
     tok = path / "tokenizer.json"
     if tok.is_file():
         try:
             from tokenizers import Tokenizer
 
-            n = Tokenizer.from_file(str(tok)).get_vocab_size(with_added_tokens=True)
-            return min(n, rows)
+            return min(Tokenizer.from_file(str(tok)).get_vocab_size(with_added_tokens=True), rows)
         except Exception:  # noqa: BLE001 - an unreadable tokenizer only loses the padding info
-            return rows
-    return rows
+            return None
+    return None
 
 
 def read_hf(path: Path, family: str | None = None) -> Checkpoint:
@@ -129,7 +129,8 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
     metas = {g: _order(metas.get(g, {})) for g in order}
     shapes = {n: tuple(t.shape) for g in metas.values() for n, t in g.items()}
     spec = arch.spec_from_config(cfg, shapes)
-    spec = spec.replace(vocab_size=_real_vocab(path, spec.vocab_rows),
+    real_vocab = _real_vocab(path, spec.vocab_rows)
+    spec = spec.replace(vocab_size=real_vocab or spec.vocab_rows,
                         dtype=str(metas["embed"]["embed.weight"].dtype).removeprefix("torch."))
     expected = {f"layers.{i}" for i in range(spec.layers)}
     have = {".".join(n.split(".")[:2]) for n in shapes if n.startswith("layers.")}
@@ -139,7 +140,8 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
     def load(group: Group) -> dict[str, torch.Tensor]:
         return arch.to_canonical((heads, kv), store.get_many(by_group.get(group, [])))
 
-    info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0, "hf_hidden_act": cfg.get("hidden_act")}
+    info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0, "hf_hidden_act": cfg.get("hidden_act"),
+            "vocab_known": real_vocab is not None}
     return Checkpoint(spec, TensorMap(metas, load), info)
 
 

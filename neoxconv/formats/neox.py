@@ -137,8 +137,41 @@ def inv_freq(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
 # reading
 
 
-def _family(args: dict, gated: bool, rms: bool) -> str:
-    if args.get("sliding_window_width"):
+def attention_types(args: dict, layers: int) -> list[str]:
+    """Per-layer attention types from NeoX's `attention_config` ([[types], count] items, each
+    pattern repeated `count` times, or "all" to fill; default global everywhere)."""
+    config = args.get("attention_config") or [[["global"], layers]]
+    if all(isinstance(x, str) for x in config):
+        return list(config)
+    out: list[str] = []
+    for types, count in config:
+        if count == "all":
+            return list(types) * (layers // len(types))
+        out += list(types) * int(count)
+    return out
+
+
+def hf_sliding_window(args: dict, layers: int, where) -> int | None:
+    """HF `sliding_window` (keys a query sees) for a NeoX config.
+
+    NeoX applies `sliding_window_width` W only in flash-attention layers, as flash's
+    window_size=(W, -1): the query and W earlier keys, W + 1 keys. Transformers' W counts the
+    query itself (W keys). So NeoX W <-> HF W + 1, and no window when no layer uses flash.
+    """
+    width = args.get("sliding_window_width")
+    if not width:
+        return None
+    flash = [t == "flash" for t in attention_types(args, layers)]
+    if not any(flash):
+        return None
+    if not all(flash):
+        raise NeoxconvError(f"{where}: sliding window on only some layers (attention_config mixes flash and other "
+                            "types); Hugging Face models have one window for all layers")
+    return int(width) + 1
+
+
+def _family(args: dict, gated: bool, rms: bool, window: int | None) -> str:
+    if window:
         return "mistral"
     if gated or rms:
         return "llama"
@@ -179,6 +212,9 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
     activation = _ACT[act_name]
     if activation == "gelu" and a.get("bias_gelu_fusion"):
         activation = "gelu_tanh"
+    declared_norm = a.get("norm", "layernorm")
+    if declared_norm not in ("layernorm", "rmsnorm"):
+        raise NeoxconvError(f"{where}: norm {declared_norm!r} is not supported (supported: layernorm, rmsnorm)")
     norm_kind = "rmsnorm" if "input_layernorm.scale" in layer else "layernorm"
     vocab_rows = emb[0]["word_embeddings.weight"].shape[0] * tp
     hidden = emb[0]["word_embeddings.weight"].shape[1]
@@ -192,7 +228,8 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
     if kv == heads:
         layout = "mha_interleaved"
     else:
-        layout = qkv_layout or "gqa_blocked"
+        # Legacy names predate the blocked GQA layout (2024-11): GQA with them is fake-head (§4.3).
+        layout = qkv_layout or ("gqa_fakehead" if schema == "legacy" else "gqa_blocked")
         if layout == "mha_interleaved":
             raise NeoxconvError(f"{where}: --qkv-layout mha_interleaved cannot hold {kv} KV heads for {heads} heads")
     if qkv_layout and qkv_layout != layout and kv == heads:
@@ -205,7 +242,15 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
         raise NeoxconvError(f"{nf.file_for(2)}: gated mlp.linear1 has {layer['mlp.linear1.weight'].shape[0]} rows per "
                             f"rank, not twice mlp.linear2's {down.shape[1]} columns")
     rms = norm_kind == "rmsnorm"
-    fam = family or _family(a, gated, rms)
+    has_mlp_bias = any(k.startswith("mlp.") and k.endswith(".bias") for k in layer)
+    if a.get("gpt_j_residual") and not has_mlp_bias:
+        # NeoX's GPT-J path without an MLP bias returns mlp_output alone (transformer.py, since
+        # e37ad2f0): such a model was trained without its attention output, which no HF model
+        # computes. Refuse rather than export a different network.
+        raise NeoxconvError(f"{where}: gpt_j_residual without MLP biases: NeoX computes these layers without their "
+                            "attention output (a NeoX quirk), which Hugging Face models cannot reproduce")
+    window = hf_sliding_window(a, nf.num_layers, where)
+    fam = family or _family(a, gated, rms, window)
     tied = (nf.num_layers + 4) not in nf.indices
     eps = float(a.get("rms_norm_epsilon", 1e-8)) if rms else float(a.get("layernorm_epsilon", 1e-5))
     spec = ModelSpec(
@@ -227,7 +272,7 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
         attn_bias="attention.query_key_value.bias" in layer,
         mlp_bias=any(k.startswith("mlp.") and k.endswith(".bias") for k in layer),
         max_positions=int(a.get("max_position_embeddings") or a.get("seq_length") or 2048),
-        sliding_window=int(a["sliding_window_width"]) if a.get("sliding_window_width") else None,
+        sliding_window=window,
         dtype=str(emb[0]["word_embeddings.weight"].dtype).removeprefix("torch."),
     )
     return spec, schema, layout
@@ -244,7 +289,8 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
         vocab_size = tok
     # neoxconv.json also keeps what NeoX's files cannot say: the HF family (a window-less
     # Mistral is a Llama to NeoX) and the HF spelling of the activation.
-    spec, schema, layout = spec_from_neox(nf, family or extra.get("family"), qkv_layout, vocab_size)
+    spec, schema, layout = spec_from_neox(nf, family or extra.get("family"), qkv_layout or extra.get("qkv_layout"),
+                                          vocab_size)
     nf.qkv_layout = layout
     L, tp = spec.layers, nf.tp
 
@@ -269,12 +315,31 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
         return {f"layers.{group}.{leaf}": merge([p[leaf] for p in pieces], role_of(f"layers.0.{leaf}"),
                                                  spec.parallel_residual) for leaf in pieces[0]}
 
+    def check_all_used(idx: int, used: set[str]) -> None:
+        """Every stored tensor must map somewhere: dropping one silently is a wrong export."""
+        for r, sd in enumerate(nf.rank_states(idx)):
+            left = [k for k in sd if k not in used and not k.endswith("._extra_state")
+                    and k != "attention.rotary_emb.inv_freq"]
+            if left:
+                raise NeoxconvError(f"{nf.file_for(idx, r)}: tensor {left[0]!r} is not part of a {spec.family} "
+                                    f"{'layer' if 2 <= idx < L + 2 else 'checkpoint'} as neoxconv knows it; "
+                                    "refusing to drop it")
+
     groups: list[Group] = ["embed", *range(L), "final"]
     metas = {g: load(g, meta=True) for g in groups}
+    check_all_used(0, {"word_embeddings.weight"})
+    for i in range(L):
+        meta0 = {k[len(f"layers.{i}."):]: v for k, v in metas[i].items()}
+        pieces0 = {k: split(v, role_of(f"layers.0.{k}"), tp, spec.parallel_residual)[0] for k, v in meta0.items()}
+        check_all_used(i + 2, set(layer_to_rank(spec, pieces0, tp, schema, layout)))
+    check_all_used(L + 3, {f"norm.{_norm_param(spec.norm, p)}" for p in ("weight", "bias")})
+    if not spec.tied:
+        check_all_used(L + 4, {"final_linear.weight"})
     tensors = TensorMap(metas, load)
     info = {"format": "neox", "path": str(nf.tag_dir), "layout": nf.layout, "tp": tp, "pp": nf.pp,
             "iteration": nf.iteration, "schema": schema, "qkv_layout": layout, "neox_args": nf.args,
             "config_files": [str(p) for p in nf.config_files], "files": nf}
+    info["vocab_known"] = bool(tok) or bool(extra.get("vocab_known", "vocab_size" in extra))
     if extra.get("hf_hidden_act"):
         info["hf_hidden_act"] = extra["hf_hidden_act"]
     return Checkpoint(spec, tensors, info)
@@ -304,6 +369,15 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
     if schema not in SCHEMAS:
         raise NeoxconvError(f"unknown NeoX schema {schema!r} (use current or legacy)")
     spec.check_tp(tp)
+    if spec.sliding_window is not None and spec.sliding_window < 2:
+        raise NeoxconvError(f"a sliding window of {spec.sliding_window} key(s) has no NeoX equivalent (NeoX's window "
+                            "always includes the query and at least one earlier key)")
+    if vocab_multiple < 1:
+        raise NeoxconvError(f"--vocab-multiple must be at least 1, got {vocab_multiple}")
+    if schema == "legacy" and not spec.gated and (spec.intermediate != 4 * spec.hidden or not spec.mlp_bias):
+        # NeoX before 2024-09 always built dense_h_to_4h as [4h, h] with biases.
+        raise NeoxconvError(f"the legacy NeoX MLP is always 4 x hidden ({4 * spec.hidden}) with biases; this model has "
+                            f"{spec.intermediate}{'' if spec.mlp_bias else ' without biases'}: use --neox-schema current")
     if pp < 1 or (layout == "sequential" and pp != 1):
         raise NeoxconvError(f"--pp {pp} is not possible with the {layout} layout" if layout == "sequential"
                             else f"--pp must be at least 1, got {pp}")
@@ -320,12 +394,17 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
         raise NeoxconvError("the legacy NeoX Llama MLP (mlp.w1/w2/w3) has no biases, but this model has MLP biases; "
                             "use --neox-schema current")
     if spec.gqa:
-        layout_qkv = qkv_layout or "gqa_blocked"
+        layout_qkv = qkv_layout or ("gqa_fakehead" if schema == "legacy" else "gqa_blocked")
         if layout_qkv == "mha_interleaved":
             raise NeoxconvError(f"--qkv-layout mha_interleaved cannot hold {spec.kv_heads} KV heads for {spec.heads} heads")
     else:
         layout_qkv = "mha_interleaved"  # NeoX reads kv == heads through the MHA path (T8)
     rows = padded_vocab(spec.vocab_size, vocab_multiple, tp)
+    # NeoX recomputes the padded vocab from its tokenizer: roundup(V, multiple * TP). When the
+    # real vocabulary is unknown (no tokenizer, no record), pin the row count instead, as
+    # merge20b.py does: multiple = rows / TP gives exactly `rows` for any tokenizer <= rows.
+    vocab_known = ckpt.info.get("vocab_known", True)
+    yaml_multiple = vocab_multiple if vocab_known else rows // tp
     out_dtype = dtype or getattr(torch, spec.dtype)
     iteration = int(ckpt.info.get("iteration") or 0)
     tag = f"global_step{iteration}"
@@ -377,10 +456,16 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
         parts_dir.rmdir()
     out_spec = spec.replace(vocab_rows=rows, dtype=str(out_dtype).removeprefix("torch."))
     (tag_dir / "configs").mkdir()
-    yaml_text = neox_yaml(out_spec, tp=tp, pp=pp, layout=layout, vocab_multiple=vocab_multiple, schema=schema,
+    extra_yaml = dict(extra_yaml or {})
+    if spec.sliding_window:  # HF W keys = NeoX flash window W - 1 (see hf_sliding_window)
+        extra_yaml.setdefault("sliding_window_width", spec.sliding_window - 1)
+    yaml_text = neox_yaml(out_spec, tp=tp, pp=pp, layout=layout, vocab_multiple=yaml_multiple, schema=schema,
                           dtype=out_spec.dtype, extra=extra_yaml, source=ckpt.info.get("format", ""))
     (tag_dir / "configs" / "neoxconv.yml").write_text(yaml_text)
-    sidecar = {"vocab_size": spec.vocab_size, "qkv_layout": layout_qkv, "schema": schema, "family": spec.family}
+    # vocab_size: rows never to trim below (the tokenizer's size, or the source's row count when
+    # no tokenizer was known: vocab_known false).
+    sidecar = {"vocab_size": spec.vocab_size, "vocab_known": vocab_known, "qkv_layout": layout_qkv,
+               "schema": schema, "family": spec.family}
     if ckpt.info.get("hf_hidden_act"):
         sidecar["hf_hidden_act"] = ckpt.info["hf_hidden_act"]
     (tag_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")

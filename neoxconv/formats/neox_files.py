@@ -156,17 +156,19 @@ def _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration, want=N
     by_idx: dict[int, dict[int, Path]] = {}
     for idx, rank, p in layer_files:
         by_idx.setdefault(idx, {})[rank] = p
-    tp = len(by_idx.get(0, {}))
     if 0 not in by_idx:
         raise NeoxconvError(f"{tag_dir}: missing layer_00-model_00-model_states.pt (the embedding)")
+    # TP: what the config declares, else the largest file count of any layer (a missing file
+    # is then reported for the layer that lacks it, whichever layer that is).
+    declared_tp = args.get("model_parallel_size")
+    most = max(len(r) for r in by_idx.values())
+    tp = int(declared_tp) if declared_tp else most
     for idx, ranks in sorted(by_idx.items()):
         if sorted(ranks) != list(range(tp)):
             have = ", ".join(f"model_{r:02d}" for r in sorted(ranks))
+            what = f"model_parallel_size {tp} in the config" if declared_tp else "the other layers"
             raise NeoxconvError(f"{tag_dir}: layer_{idx:02d} has {len(ranks)} TP file(s) ({have}), "
-                                f"expected {tp} like layer_00")
-    declared_tp = args.get("model_parallel_size")
-    if declared_tp and int(declared_tp) != tp:
-        raise NeoxconvError(f"{tag_dir}: {tp} TP file(s) per layer, but the config says model_parallel_size {declared_tp}")
+                                f"expected {tp} as {what} say(s)")
     files = {(idx, r): p for idx, ranks in by_idx.items() for r, p in ranks.items()}
     pp = max(1, len(mp_files) // tp) if mp_files else int(args.get("pipe_parallel_size") or 1)
     nf = NeoxFiles(tag_dir, "pipeline", tp, pp, iteration, args, used, sorted(by_idx), _files=files)
