@@ -6,10 +6,14 @@
   provenance.
 - NeoX outputs get the tokenizer copied to OUT/tokenizer/ and the written YAML's
   `tokenizer-type` / `vocab-file` pointed at it.
+- A tokenizer that cannot be carried over (a Llama 3 tiktoken file that does not convert, or
+  any tiktoken file for NeoX) is skipped with a one-line warning, never guessed, and never stops
+  the weight conversion. HF exports collect warnings in `result["warnings"]`.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from neoxconv import __version__
@@ -60,13 +64,20 @@ def provenance(ckpt: Checkpoint, result: dict) -> dict:
 def finish_hf_export(tmp: Path, ckpt: Checkpoint, result: dict, tokenizer: Path | None = None) -> dict:
     """Tokenizer + special ids + model card for an HF export in `tmp`. Returns the provenance."""
     from neoxconv.modelcard import write_model_card
-    from neoxconv.tokenizer import apply_special_ids, export_tokenizer
+    from neoxconv.tokenizer import TiktokenUnsupported, apply_special_ids, export_tokenizer
 
     prov = provenance(ckpt, result)
     src = tokenizer_source(ckpt, tokenizer)
+    warnings = result.setdefault("warnings", [])
+    info = None
     if src is not None:
-        info = export_tokenizer(src, tmp, embedding_rows=result["vocab_rows"], family=result["spec"].family,
-                                model_max_length=result["spec"].max_positions)
+        try:
+            info = export_tokenizer(src, tmp, embedding_rows=result["vocab_rows"], family=result["spec"].family,
+                                    model_max_length=result["spec"].max_positions)
+        except TiktokenUnsupported as e:
+            warnings.append(f"WARNING: tokenizer not exported: {e}")
+    if info is not None:
+        warnings.extend(f"tokenizer: {w}" for w in info.warnings)
         cfg, gen = apply_special_ids(read_json(tmp / "config.json"), read_json(tmp / "generation_config.json"), info)
         write_json(tmp / "config.json", cfg)
         write_json(tmp / "generation_config.json", gen)
@@ -77,13 +88,23 @@ def finish_hf_export(tmp: Path, ckpt: Checkpoint, result: dict, tokenizer: Path 
     return prov
 
 
-def neox_tokenizer_yaml(tmp: Path, final_out: Path, ckpt: Checkpoint, tokenizer: Path | None = None) -> dict:
-    """Copy the tokenizer to tmp/tokenizer/; YAML keys that point at its final location."""
+def neox_tokenizer_yaml(tmp: Path, final_out: Path, ckpt: Checkpoint, tokenizer: Path | None = None,
+                        warnings: list[str] | None = None) -> dict:
+    """Copy the tokenizer to tmp/tokenizer/; YAML keys that point at its final location.
+
+    A tokenizer NeoX cannot use from a file (tiktoken) gives ``{}`` and a warning, appended to
+    ``warnings`` when given, else printed to stderr."""
     from neoxconv.tokenizer import copy_tokenizer_for_neox
 
     src = tokenizer_source(ckpt, tokenizer)
     if src is None:
         return {}
-    keys = copy_tokenizer_for_neox(src, tmp / "tokenizer")
+    own = [] if warnings is None else warnings
+    keys = copy_tokenizer_for_neox(src, tmp / "tokenizer", warnings=own)
+    if warnings is None:
+        for w in own:  # no result to collect them in: say it here, once, on stderr
+            print(f"WARNING: {w}", file=sys.stderr)
+    if not keys:
+        return {}
     keys["vocab_file"] = str(Path(final_out).resolve() / "tokenizer" / Path(keys["vocab_file"]).name)
     return keys

@@ -10,7 +10,16 @@ Sources handled by :func:`export_tokenizer`:
   for Llama-style models), *not* NeoX's ``eod`` (spec §8, trap T16). The conversion reads the
   model file directly, so neither ``protobuf`` nor ``sentencepiece`` is needed to export;
   ``sentencepiece``, when installed, is used to check the result;
+* a tiktoken BPE file (Meta's Llama 3 ``tokenizer.model``: lines ``<base64 token> <rank>``):
+  converted with the ``tokenizers`` library (no ``tiktoken`` needed) to a byte-level BPE with
+  the Llama 3 pre-tokenizer and Meta's 256 Llama 3 special tokens appended after the base
+  vocabulary (``<|begin_of_text|>`` = bos, ``<|end_of_text|>`` = eos), checked against a
+  tiktoken-equivalent reference encoder; any problem raises :class:`TiktokenUnsupported` so the
+  caller can skip the tokenizer with a warning;
 * a Hugging Face tokenizer directory: loaded with ``AutoTokenizer`` and saved again.
+
+:func:`tokenizer_kind` tells the kinds apart by content, not only by name: a ``tokenizer.model``
+may be SentencePiece (Llama 1/2, Mistral) or tiktoken (Llama 3).
 
 Every export is reloaded from ``out_dir`` with ``AutoTokenizer`` and checked against the source
 on a fixed set of probe strings, so a tokenizer class that would tokenize differently after a
@@ -19,8 +28,11 @@ reload is never published silently.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -36,6 +48,11 @@ NEOX_PAD = "<|padding|>"
 KIND_HF_JSON = "hf-json"
 KIND_SENTENCEPIECE = "sentencepiece"
 KIND_HF_DIR = "hf-dir"
+KIND_TIKTOKEN = "tiktoken"
+
+
+class TiktokenUnsupported(NeoxconvError):
+    """A tiktoken tokenizer that could not be converted; callers skip it with a warning."""
 
 # Strings every exported tokenizer must encode exactly like its source.
 PROBE_TEXTS = (
@@ -53,7 +70,7 @@ PROBE_TEXTS = (
 class TokenizerInfo:
     """What :func:`export_tokenizer` wrote; feed it to :func:`apply_special_ids` and the model card."""
 
-    kind: str  # "hf-json" | "sentencepiece" | "hf-dir"
+    kind: str  # "hf-json" | "sentencepiece" | "tiktoken" | "hf-dir"
     tokenizer_class: str  # class name written to tokenizer_config.json
     vocab_size: int  # len(tokenizer): base vocabulary plus added tokens
     bos_token_id: int | None
@@ -98,12 +115,14 @@ def export_tokenizer(
         raise NeoxconvError(f"{src}: embedding_rows must be a positive integer, got {embedding_rows!r}")
     embedding_rows = int(embedding_rows)
 
-    kind = _detect_kind(src)
+    kind = tokenizer_kind(src)
     out.mkdir(parents=True, exist_ok=True)
     before = _listing(out)
     warnings: list[str] = []
     if kind == KIND_HF_JSON:
         tok = _export_hf_json(src, out, embedding_rows, model_max_length, warnings)
+    elif kind == KIND_TIKTOKEN:
+        tok = _export_tiktoken(src, out, embedding_rows, model_max_length, warnings)
     elif kind == KIND_SENTENCEPIECE:
         tok = _export_sentencepiece(src, out, embedding_rows, model_max_length, warnings)
     else:
@@ -143,18 +162,31 @@ def apply_special_ids(config: dict, generation_config: dict, info: TokenizerInfo
     return config, generation_config
 
 
-def _detect_kind(src: Path) -> str:
+def tokenizer_kind(path: str | os.PathLike) -> str:
+    """``"sentencepiece"`` | ``"tiktoken"`` | ``"hf-json"`` | ``"hf-dir"`` for a tokenizer file or directory.
+
+    A directory with ``tokenizer.json`` / ``tokenizer_config.json`` is ``hf-dir``; one with only a
+    ``tokenizer.model`` is that file's kind. A file is ``tiktoken`` when its content is tiktoken BPE
+    lines, whatever its name; otherwise ``.json`` -> ``hf-json`` and ``.model`` -> ``sentencepiece``.
+    """
+    src = Path(path)
     if src.is_dir():
         if (src / "tokenizer_config.json").is_file() or (src / "tokenizer.json").is_file():
             return KIND_HF_DIR
         if (src / "tokenizer.model").is_file():
-            return KIND_SENTENCEPIECE
+            return tokenizer_kind(src / "tokenizer.model")
         raise NeoxconvError(f"{src}: directory has no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    if src.is_file() and _looks_like_tiktoken(src):
+        return KIND_TIKTOKEN
     if src.suffix == ".json":
         return KIND_HF_JSON
     if src.suffix == ".model":
         return KIND_SENTENCEPIECE
-    raise NeoxconvError(f"{src}: unknown tokenizer format (expected a tokenizers .json, a SentencePiece .model or a directory)")
+    raise NeoxconvError(f"{src}: unknown tokenizer format (expected a tokenizers .json, a SentencePiece or "
+                        "tiktoken .model or a directory)")
+
+
+_detect_kind = tokenizer_kind
 
 
 def _saved_class(out: Path, tok) -> str:
@@ -277,7 +309,7 @@ def _export_hf_dir(src: Path, out: Path, embedding_rows: int, model_max_length, 
     if src.resolve() != out.resolve():
         _save(tok, out, model_max_length, src)
         spm = src / "tokenizer.model"
-        if spm.is_file() and not (out / "tokenizer.model").exists():
+        if spm.is_file() and not (out / "tokenizer.model").exists() and not _looks_like_tiktoken(spm):
             shutil.copyfile(spm, out / "tokenizer.model")
     return tok
 
@@ -589,6 +621,212 @@ def _export_sentencepiece(src: Path, out: Path, embedding_rows: int, model_max_l
     return tok
 
 
+# --------------------------------------------------------------------------- tiktoken (Llama 3)
+
+# Meta's Llama 3 tokenizer (llama3 / llama-models tokenizer.py): this split pattern, and 256
+# special tokens appended after the base vocabulary, whatever its size. Their names changed in
+# Llama 3.1 (eom_id, python_tag, finetune_right_pad_id); bos/eos/header/eot ids are the same.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NUM_SPECIAL = 256
+_LLAMA3_SPECIALS = {
+    "3": ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+          "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>",
+          "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"],
+    "3.1": ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+            "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"],
+}
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} [0-9]+$")
+
+
+def llama3_special_tokens(version: str = "3") -> list[str]:
+    """Meta's 256 Llama 3 (``"3"``) or Llama 3.1+ (``"3.1"``) special tokens, in id order."""
+    named = _LLAMA3_SPECIALS[version]
+    first_reserved = 5 if version == "3" else 3
+    return named + [f"<|reserved_special_token_{first_reserved + i}|>" for i in range(LLAMA3_NUM_SPECIAL - len(named))]
+
+
+def _looks_like_tiktoken(path: Path) -> bool:
+    """True when the file starts with tiktoken BPE lines (``<base64> <rank>``); the rest of the
+    file is checked by :func:`read_tiktoken`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    lines = head.split(b"\n")
+    if len(head) == 1 << 16:
+        lines = lines[:-1]  # the last line may be cut
+    lines = [ln.rstrip(b"\r") for ln in lines if ln.strip()]
+    return bool(lines) and all(_TIKTOKEN_LINE.match(ln) for ln in lines[:10])
+
+
+def read_tiktoken(path: str | os.PathLike) -> dict[bytes, int]:
+    """The mergeable ranks of a tiktoken BPE file, checked: unique ranks 0..n-1, all 256 bytes."""
+    p = Path(path)
+    ranks: dict[bytes, int] = {}
+    try:
+        for no, line in enumerate(p.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            if not _TIKTOKEN_LINE.match(line.strip()):
+                raise TiktokenUnsupported(f"{p}: line {no} is not '<base64 token> <rank>'")
+            tok, rank = line.split()
+            token = base64.b64decode(tok, validate=True)
+            if token in ranks:
+                raise TiktokenUnsupported(f"{p}: token {token!r} listed twice (line {no})")
+            ranks[token] = int(rank)
+    except (OSError, binascii.Error, ValueError) as e:
+        raise TiktokenUnsupported(f"{p}: not a readable tiktoken file ({_one_line(e)})") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TiktokenUnsupported(f"{p}: tiktoken ranks are not 0..{len(ranks) - 1} without gaps")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TiktokenUnsupported(f"{p}: not a complete byte-level BPE ({len(missing)} of the 256 single bytes "
+                                  "have no token)")
+    return ranks
+
+
+def _tiktoken_reference(ranks: dict[bytes, int], pattern: str):
+    """A tiktoken-equivalent encoder (regex split, then lowest-rank-first byte-pair merging)."""
+    import regex
+
+    pat = regex.compile(pattern)
+
+    def encode(text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in pat.findall(text):
+            b = piece.encode("utf-8")
+            if b in ranks:
+                ids.append(ranks[b])
+                continue
+            parts = [b[i:i + 1] for i in range(len(b))]
+            while len(parts) > 1:
+                best = None
+                for i in range(len(parts) - 1):
+                    r = ranks.get(parts[i] + parts[i + 1])
+                    if r is not None and (best is None or r < best[0]):
+                        best = (r, i)
+                if best is None:
+                    break
+                i = best[1]
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            ids.extend(ranks[x] for x in parts)
+        return ids
+
+    return encode
+
+
+def _build_tiktoken_backend(ranks: dict[bytes, int], pattern: str, specials: list[str], bos: str):
+    """The ``tokenizers`` equivalent of a tiktoken encoding (what transformers' TikTokenConverter
+    builds, without needing the ``tiktoken`` package to read the file)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    byte_char = _bytes_to_unicode()
+
+    def s(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    vocab = {s(t): r for t, r in ranks.items()}
+    merges = []
+    for token, rank in ranks.items():
+        if len(token) < 2:
+            continue
+        local = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks]
+        local.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+        merges.extend((rank, left, right) for left, right in local)
+    merges.sort(key=lambda m: m[0])
+    backend = Tokenizer(BPE(vocab, [(s(left), s(right)) for _, left, right in merges], fuse_unk=False))
+    if hasattr(backend.model, "ignore_merges"):
+        backend.model.ignore_merges = True  # a piece that is itself a token is that token (tiktoken)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    bos_id = backend.token_to_id(bos)
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, bos_id)]),
+    ])
+    return backend
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _llama3_version(model_file: Path) -> str:
+    """``"3.1"`` when Meta's params.json next to the file has Llama 3.1's ``use_scaled_rope``, else ``"3"``."""
+    try:
+        params = json.loads((model_file.parent / "params.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "3"
+    return "3.1" if isinstance(params, dict) and "use_scaled_rope" in params else "3"
+
+
+def _export_tiktoken(src: Path, out: Path, embedding_rows: int, model_max_length, warnings: list[str]):
+    """Convert a tiktoken file (Llama 3) to a Hugging Face fast tokenizer; TiktokenUnsupported if not possible.
+
+    Nothing is written to ``out`` unless the result reloads and encodes the probe texts exactly
+    like the reference encoder.
+    """
+    import transformers
+
+    model_file = src / "tokenizer.model" if src.is_dir() else src
+    ranks = read_tiktoken(model_file)
+    version = _llama3_version(model_file)
+    specials = llama3_special_tokens(version)
+    n_tokens = len(ranks) + len(specials)
+    if n_tokens > embedding_rows:
+        raise TiktokenUnsupported(
+            f"{model_file}: tiktoken vocabulary ({len(ranks)}) + {len(specials)} Llama 3 special tokens = {n_tokens} "
+            f"tokens, but the model's embedding has only {embedding_rows} rows"
+        )
+    if len(ranks) != 128000:
+        warnings.append(f"{model_file.name}: tiktoken file with {len(ranks)} tokens (Llama 3 has 128000); "
+                        "converted with Llama 3's split pattern and special tokens")
+    try:
+        reference = _tiktoken_reference(ranks, LLAMA3_PATTERN)
+    except ImportError:
+        raise TiktokenUnsupported("the 'regex' package is needed to check a tiktoken conversion") from None
+    bos, eos = specials[0], specials[1]
+    with tempfile.TemporaryDirectory(prefix="neoxconv-tiktoken-") as tmp:
+        stage = Path(tmp)
+        try:
+            backend = _build_tiktoken_backend(ranks, LLAMA3_PATTERN, specials, bos)
+            tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos)
+        except Exception as e:  # the Rust error types are not exported
+            raise TiktokenUnsupported(f"{model_file}: cannot build a fast tokenizer ({_one_line(e)})") from None
+        if len(tok) != n_tokens or tok.convert_tokens_to_ids(bos) != len(ranks):
+            raise TiktokenUnsupported(f"{model_file}: converted tokenizer has {len(tok)} tokens, expected {n_tokens}")
+        _save(tok, stage, model_max_length, model_file)
+        problem = _roundtrip_problem(stage, PROBE_TEXTS, [reference(t) for t in PROBE_TEXTS])
+        if problem is not None:
+            raise TiktokenUnsupported(f"{model_file}: converted tokenizer differs from tiktoken: {problem}")
+        for f in stage.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, out / f.name)
+    # Meta's original file, where Meta's own HF repos keep it (not at the top: tools would take a
+    # top-level tokenizer.model for SentencePiece).
+    (out / "original").mkdir(exist_ok=True)
+    shutil.copyfile(model_file, out / "original" / "tokenizer.model")
+    return tok
+
+
 # --------------------------------------------------------------------------- NeoX side
 
 
@@ -628,7 +866,8 @@ def find_neox_tokenizer(neox_args: dict, base_dir: str | os.PathLike) -> Path | 
     return None
 
 
-def copy_tokenizer_for_neox(source: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+def copy_tokenizer_for_neox(source: str | os.PathLike, out_dir: str | os.PathLike,
+                            warnings: list[str] | None = None) -> dict:
     """Copy a tokenizer next to a NeoX checkpoint; return the NeoX YAML keys to write.
 
     * a SentencePiece ``tokenizer.model`` (a file, or present in an HF directory) ->
@@ -636,20 +875,36 @@ def copy_tokenizer_for_neox(source: str | os.PathLike, out_dir: str | os.PathLik
       over ``tokenizer.json`` when a directory has both (Llama/Mistral repos), because NeoX's
       HFTokenizer needs an ``<|endoftext|>`` token that those vocabularies lack;
     * otherwise a tokenizers ``tokenizer.json`` (a file or in a directory) ->
-      ``{"tokenizer_type": "HFTokenizer", "vocab_file": <copied .json>}``.
+      ``{"tokenizer_type": "HFTokenizer", "vocab_file": <copied .json>}``;
+    * a tiktoken ``tokenizer.model`` (Llama 3) is not a SentencePiece model, and NeoX's
+      ``TiktokenTokenizer`` takes a tiktoken *encoding name* (``tiktoken.get_encoding(vocab_file)``),
+      not a file: a directory falls back to its ``tokenizer.json``; a lone tiktoken file is not
+      copied, ``{}`` is returned and a warning is appended to ``warnings``.
 
     ``vocab_file`` is an absolute path, so the YAML works from any launch directory.
     """
     src = Path(source)
     out = Path(out_dir)
+    skipped = (f"{src}: tiktoken tokenizer (Llama 3) not carried to NeoX: NeoX's TiktokenTokenizer takes a "
+               "tiktoken encoding name, not a file, and SPMTokenizer cannot read it; set tokenizer-type / "
+               "vocab-file yourself (e.g. HFTokenizer with a converted tokenizer.json)")
     if src.is_dir():
         spm, js = src / "tokenizer.model", src / "tokenizer.json"
-        if spm.is_file():
+        spm_ok = spm.is_file() and tokenizer_kind(spm) == KIND_SENTENCEPIECE
+        if spm_ok:
             chosen, ttype = spm, "SPMTokenizer"
         elif js.is_file():
             chosen, ttype = js, "HFTokenizer"
+        elif spm.is_file():
+            if warnings is not None:
+                warnings.append(skipped)
+            return {}
         else:
             raise NeoxconvError(f"{src}: no tokenizer.json or tokenizer.model to copy for NeoX")
+    elif src.is_file() and tokenizer_kind(src) == KIND_TIKTOKEN:
+        if warnings is not None:
+            warnings.append(skipped)
+        return {}
     elif src.is_file() and src.suffix == ".model":
         chosen, ttype = src, "SPMTokenizer"
     elif src.is_file() and src.suffix == ".json":
@@ -674,9 +929,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def tokenizer_size(path: str | os.PathLike) -> int | None:
-    """Number of tokens of a tokenizers JSON or SentencePiece model (None if unreadable)."""
+    """Number of tokens of a tokenizers JSON or SentencePiece model (None if unreadable or tiktoken)."""
     p = Path(path)
     try:
+        if p.is_file() and _looks_like_tiktoken(p):
+            return None  # the special tokens are not in the file: the size is not known from it
         if p.suffix == ".model":
             return len(_read_spm(p).pieces)
         from tokenizers import Tokenizer

@@ -1,4 +1,4 @@
-"""Tokenizer export/copy on real tokenizers built in the test (tokenizers BPE, SentencePiece)."""
+"""Tokenizer export/copy on real tokenizers built in the test (tokenizers BPE, SentencePiece, tiktoken)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from neoxconv.errors import NeoxconvError
 from neoxconv.tokenizer import (
     NEOX_EOD,
     NEOX_PAD,
+    TiktokenUnsupported,
     apply_special_ids,
     copy_tokenizer_for_neox,
     export_tokenizer,
     find_neox_tokenizer,
+    tokenizer_kind,
 )
 
 CORPUS = [
@@ -296,3 +298,110 @@ def test_sentencepiece_unigram_uses_generic_class(tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in SAMPLES:  # the generic class reproduces sentencepiece even for leading whitespace
         assert again(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
+
+
+# --------------------------------------------------------------------------- tiktoken (Llama 3)
+
+# Multi-byte tokens of a small tiktoken file, after the 256 single bytes; each one's halves exist.
+TIKTOKEN_MERGES = (b"th", b"he", b"the", b" t", b" the", b"in", b"ing", b"er", b" a", b"an", b"and", b" and",
+                   b"  ", b"    ", b"12", b"123", b"\n\n", b"ou", b"qu", b"ic", b"ick", b"ow", b"own", b" b", b"ro")
+
+
+def write_tiktoken(path: Path, merges=TIKTOKEN_MERGES, single_bytes=range(256)) -> int:
+    """A real tiktoken BPE file, `<base64 token> <rank>` per line, as Meta ships for Llama 3.
+    Single bytes get ranks in a shuffled (non-byte) order, as in real files."""
+    import base64
+    import random
+
+    singles = [bytes([b]) for b in single_bytes]
+    random.Random(0).shuffle(singles)
+    tokens = singles + list(merges)
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    return len(tokens)
+
+
+@pytest.fixture
+def tiktoken_file(tmp_path) -> tuple[Path, int]:
+    d = tmp_path / "meta"
+    d.mkdir()
+    return d / "tokenizer.model", write_tiktoken(d / "tokenizer.model")
+
+
+def test_tokenizer_kind(neox_json, spm_model, tiktoken_file, tmp_path):
+    tik, _ = tiktoken_file
+    assert tokenizer_kind(spm_model) == "sentencepiece"
+    assert tokenizer_kind(tik) == "tiktoken" and tokenizer_kind(tik.parent) == "tiktoken"
+    assert tokenizer_kind(neox_json) == "hf-json"
+    d = tmp_path / "hfdir"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(neox_json.read_bytes())
+    (d / "tokenizer.model").write_bytes(tik.read_bytes())
+    assert tokenizer_kind(d) == "hf-dir"
+    other = tmp_path / "cl100k.tiktoken"
+    other.write_bytes(tik.read_bytes())
+    assert tokenizer_kind(other) == "tiktoken"  # by content, not by name
+
+
+def test_tiktoken_to_fast_tokenizer(tiktoken_file, tmp_path):
+    tik, n = tiktoken_file
+    ranks = {t: r for r, t in enumerate([*[None] * 256, *TIKTOKEN_MERGES]) if t}
+    info = export_tokenizer(tik, tmp_path / "hf", embedding_rows=n + 256 + 10, family="llama", model_max_length=64)
+    assert info.kind == "tiktoken" and info.tokenizer_class == "PreTrainedTokenizerFast"
+    assert info.vocab_size == n + 256 and info.padding_rows == 10
+    assert (info.bos_token_id, info.eos_token_id, info.pad_token_id) == (n, n + 1, None)
+    assert (tmp_path / "hf" / "original" / "tokenizer.model").read_bytes() == tik.read_bytes()
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()  # would pass for SentencePiece elsewhere
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    # the Llama 3 split (" the", " and" are pieces) and lowest-rank-first merging, by hand:
+    ids = tok("the and", add_special_tokens=False)["input_ids"]
+    assert ids == [ranks[b"the"], ranks[b" and"]]
+    assert tok("the")["input_ids"] == [n, ranks[b"the"]]  # bos prepended
+    assert tok.convert_ids_to_tokens([n, n + 1, n + 9]) == ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    assert tok.convert_ids_to_tokens(n + 8) == "<|reserved_special_token_4|>"  # Llama 3.0 names
+    assert tok("<|eot_id|>", add_special_tokens=False)["input_ids"] == [n + 9]
+    text = "Brown owls, 123 quick caf\u00e9s\n\nand \U0001f642"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.model_max_length == 64
+
+
+def test_tiktoken_llama31_special_tokens_from_params(tiktoken_file, tmp_path):
+    tik, n = tiktoken_file
+    (tik.parent / "params.json").write_text(json.dumps({"dim": 32, "use_scaled_rope": True}))
+    export_tokenizer(tik, tmp_path / "hf", embedding_rows=n + 256, family="llama")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.convert_ids_to_tokens([n + 4, n + 8, n + 9, n + 10, n + 255]) == [
+        "<|finetune_right_pad_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|reserved_special_token_247|>"]
+
+
+@pytest.mark.parametrize("case", ["incomplete", "too-many-tokens", "gap", "garbage"])
+def test_tiktoken_unsupported_writes_nothing(tiktoken_file, tmp_path, case):
+    tik, n = tiktoken_file
+    rows = n + 256
+    if case == "incomplete":  # 96 single bytes only: not a byte-level BPE
+        write_tiktoken(tik, merges=(), single_bytes=range(96))
+    elif case == "too-many-tokens":
+        rows = n + 255
+    elif case == "gap":
+        tik.write_text(tik.read_text().replace(f" {n - 1}\n", f" {n + 5}\n"))
+    else:
+        tik.write_text(tik.read_text() + "not base64!! x\n")
+    out = tmp_path / "hf"
+    with pytest.raises(TiktokenUnsupported):
+        export_tokenizer(tik, out, embedding_rows=rows, family="llama")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_tiktoken_is_not_copied_for_neox(tiktoken_file, neox_json, tmp_path):
+    tik, _ = tiktoken_file
+    warnings: list[str] = []
+    assert copy_tokenizer_for_neox(tik, tmp_path / "out", warnings=warnings) == {}
+    assert len(warnings) == 1 and "tiktoken" in warnings[0] and "TiktokenTokenizer" in warnings[0]
+    assert not (tmp_path / "out").exists()
+    # an HF directory with a tiktoken tokenizer.model and a tokenizer.json: the JSON goes
+    d = tmp_path / "hfdir"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(neox_json.read_bytes())
+    (d / "tokenizer.model").write_bytes(tik.read_bytes())
+    warnings.clear()
+    keys = copy_tokenizer_for_neox(d, tmp_path / "out2", warnings=warnings)
+    assert keys["tokenizer_type"] == "HFTokenizer" and keys["vocab_file"].endswith("tokenizer.json") and not warnings
