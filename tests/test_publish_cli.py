@@ -139,3 +139,38 @@ def test_llama_to_neox_carries_tokenizer_model_to_the_hf_export(tmp_path):
     text = "the lazy fox moves into neox"
     assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
     assert "llama" in yaml.safe_load((hf / "README.md").read_text().split("---")[1])["tags"]
+
+
+def test_meta_llama3_tiktoken_tokenizer(tmp_path):
+    """Meta Llama 3 dir whose tokenizer.model is a tiktoken file: --to hf converts it (Llama 3
+    special tokens, bos/eos ids in config.json); llama-to-neox does not label it SPMTokenizer."""
+    from test_tokenizer import TIKTOKEN_MERGES, write_tiktoken
+
+    from fixtures.llama_factories import meta_shards, save_meta
+    from neoxconv.convert import convert
+
+    n = len(TIKTOKEN_MERGES) + 256
+    model = tiny_hf_model("llama", vocab_size=(n + 256 + 15) // 16 * 16)  # rows split evenly over 2 shards
+    shards, params = meta_shards(model, 2, 0)  # Llama 3 style: tok_embeddings split on dim 0
+    meta = save_meta(tmp_path / "meta", shards, params)
+    write_tiktoken(meta / "tokenizer.model")
+    hf = tmp_path / "hf"
+    r = run("convert", meta, hf, "--to", "hf")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (n, n + 1)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert len(tok) == n + 256 and tok.bos_token == "<|begin_of_text|>"
+    neox = tmp_path / "neox"
+    r = run("llama-to-neox", meta, neox, "--tp", "1")
+    assert r.returncode == 0, r.stderr
+    assert "WARNING" in r.stderr and "tiktoken" in r.stderr
+    cfg = yaml.safe_load(next(neox.glob("global_step*/configs/neoxconv.yml")).read_text())
+    assert "tokenizer-type" not in cfg and "vocab-file" not in cfg
+    # a tiktoken file that cannot be converted: weights written, tokenizer skipped with a warning
+    write_tiktoken(meta / "tokenizer.model", merges=(), single_bytes=range(96))
+    res = convert(meta, tmp_path / "hf2", to="hf")
+    assert any(w.startswith("WARNING: tokenizer not exported") for w in res["warnings"])
+    assert (tmp_path / "hf2" / "config.json").is_file() and not (tmp_path / "hf2" / "tokenizer.json").exists()
