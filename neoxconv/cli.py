@@ -266,7 +266,11 @@ def parity_cmd(
     config_b: Annotated[Optional[list[Path]], typer.Option(
         "--config-b", help="NeoX YAML file(s) for B (--config is for A). Repeatable.")] = None,
     arch: ArchOpt = "auto",
-    qkv_layout: QkvOpt = None,
+    qkv_layout: Annotated[Optional[str], typer.Option(
+        "--qkv-layout", help="Fused-QKV layout of A if A is a GQA NeoX checkpoint: gqa_blocked or gqa_fakehead "
+                             "(default: the layout neoxconv recorded in its neoxconv.json, else gqa_blocked).")] = None,
+    qkv_layout_b: Annotated[Optional[str], typer.Option(
+        "--qkv-layout-b", help="The same for B (--qkv-layout is for A only; e.g. a layout migration).")] = None,
     replicated: Annotated[str, typer.Option(
         "--replicated", help="NeoX norm copies that differ across TP ranks: own (each rank its own, as NeoX "
                              "computes) or mean (what an HF export holds).")] = "own",
@@ -283,7 +287,7 @@ def parity_cmd(
     set_trust_pickle(trust_pickle)
     report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype, device=device,
                         atol=atol, rtol=rtol, config_files=config, config_files_b=config_b, arch=_family(arch),
-                        qkv_layout=qkv_layout, replicated=replicated)
+                        qkv_layout=qkv_layout, qkv_layout_b=qkv_layout_b, replicated=replicated)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the report; rank 0 speaks

@@ -148,7 +148,7 @@ class _Side:
             return meta_reference_logits(shards, params, tokens, group=SimulatedGroup(len(shards), device),
                                          dtype=dtype).cpu()
         files = self.ckpt.info["files"]
-        sem = NeoxSemantics.from_args(files.args, files.qkv_layout)
+        sem = NeoxSemantics.from_args(files.args, files.qkv_layout, files.num_layers)
         source = _DriftWatch(files, sem.gpt_j_residual)
         out = neox_reference_logits(source, tokens, group=rank_group(files.tp, device), dtype=dtype,
                                     replicated=replicated).cpu()
@@ -160,6 +160,11 @@ class _Side:
                 + ("each rank's own copy (what NeoX computes; an HF export holds their mean, so the gap shows in "
                    "the logits; rerun with --replicated mean to check the layout alone)." if replicated == "own"
                    else "their mean (what an HF export holds); NeoX itself uses each rank's own copy."))
+        if sem.gpt_j_residual and files.tp > 1 and self.spec.dtype != "float32" and replicated == "own":
+            self.notes.append(
+                f"{self.path}: the gpt_j_residual row biases are stored as {files.tp} per-rank {self.spec.dtype} parts; "
+                f"a merged export holds their sum rounded to {self.spec.dtype}, which differs from the parts NeoX adds "
+                "by that rounding (rerun with --replicated mean to model the export exactly).")
         return out
 
 
@@ -235,12 +240,13 @@ def _config_differences(a: _Side, b: _Side) -> dict[str, list]:
 def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: str | None = None,
                dtype: str = "fp32", device: str = "cpu", atol: float | None = None, rtol: float | None = None,
                config_files=None, config_files_b=None, arch: str | None = None, qkv_layout: str | None = None,
-               replicated: str = "own") -> ParityReport:
+               qkv_layout_b: str | None = None, replicated: str = "own") -> ParityReport:
     """Compare checkpoint ``b`` (candidate) with ``a`` (reference) on one token batch.
 
     ``config_files`` are NeoX YAMLs for A (default: A's own configs/), ``config_files_b`` for B;
-    ``qkv_layout`` declares the GQA layout of NeoX sides (default: the one neoxconv recorded, else
-    gqa_blocked). Verdict "fail" if the logits differ beyond tolerance OR a numerics config field
+    ``qkv_layout`` declares the GQA layout of A if A is NeoX, ``qkv_layout_b`` that of B (each
+    side's default: the layout neoxconv recorded in its ``neoxconv.json``, else gqa_blocked; a
+    NeoX -> NeoX layout migration has different layouts on the two sides). Verdict "fail" if the logits differ beyond tolerance OR a numerics config field
     differs (``info["reasons"]`` lists why; ``info["logits_verdict"]`` is the logits alone).
     """
     if tokens < 1 or batch < 1:
@@ -249,7 +255,7 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
         raise NeoxconvError(f"--replicated must be own or mean, got {replicated!r}")
     dt, dev = _torch_dtype(dtype), _device(device)
     side_a = _Side(a, config_files, arch, qkv_layout)
-    side_b = _Side(b, config_files_b, arch, qkv_layout)
+    side_b = _Side(b, config_files_b, arch, qkv_layout_b)
     vocab = min(side_a.real_vocab, side_b.real_vocab)
     if text is not None:
         ids, tok_from = _text_tokens(text, [side_a, side_b])
@@ -352,11 +358,15 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
              qkv_layout: str | None = None, force: bool = False, console=None) -> Callable[[Path, dict], None]:
     """The ``after_write`` hook of ``--verify``: parity between ``src`` and the finished temp dir.
 
+    ``qkv_layout`` is the conversion's ``--qkv-layout``: the SOURCE's layout (side A) when the
+    source is NeoX; the output (side B) is read with the layout its writer recorded in its
+    ``neoxconv.json`` (``--out-qkv-layout`` for a NeoX -> NeoX migration), never with A's.
+
     Pass: ``parity-report.json`` is written inside the output (and, for HF outputs, the report
     joins the model card's provenance); the output then lands at ``out`` as usual.
     Fail: the report is written inside the output, the output is renamed to
-    ``OUT.parity-failed`` (replacing an earlier one), nothing is left at ``out`` (with --force an
-    existing ``out`` is removed too: it was to be replaced) and :class:`ParityFailure` (exit 1)
+    ``OUT.parity-failed`` (replacing an earlier one), nothing is written to ``out``: an existing
+    ``out`` (that --force was to replace) is left untouched, and :class:`ParityFailure` (exit 1)
     is raised.
     """
     check_verify_target(out)
@@ -368,7 +378,10 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
         # A conversion can only hold the mean of norm copies that drifted across NeoX ranks, so
         # --verify checks the conversion against that ("mean"); the drift itself is reported in
         # the notes and measured by `neoxconv parity` (default "own").
-        report = run_parity(src, tmp, config_files=config_files, arch=family, qkv_layout=qkv_layout,
+        from neoxconv import graph
+
+        src_layout = qkv_layout if graph.detect(Path(src)) == "neox" else None
+        report = run_parity(src, tmp, config_files=config_files, arch=family, qkv_layout=src_layout,
                             replicated="mean")
         failed = failed_dir(out)
         report.info["b"]["path"] = str(out if report.passed else failed)
@@ -382,10 +395,9 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
         if failed.exists():
             shutil.rmtree(failed)
         tmp.rename(failed)
-        if force and Path(out).exists():
-            shutil.rmtree(out) if Path(out).is_dir() else Path(out).unlink()
+        kept = f" (the existing {out} is unchanged)" if Path(out).exists() else ""
         raise ParityFailure(f"parity check failed ({'; '.join(report.info['reasons'])}); the output was moved to "
-                            f"{failed} with {REPORT_NAME} inside, nothing was written to {out}")
+                            f"{failed} with {REPORT_NAME} inside, nothing was written to {out}{kept}")
 
     return after_write
 

@@ -2,9 +2,9 @@
 input), the JSON report, and what --verify leaves on disk.
 
 --verify contract (docs/parity.md): pass -> OUT as usual with OUT/parity-report.json (and, for
-HF outputs, the report in README.md's provenance); fail -> exit 1, nothing at OUT (an OUT that
---force was to replace is removed too), the output moved to OUT.parity-failed/ with
-parity-report.json inside, no temporary directories left behind.
+HF outputs, the report in README.md's provenance); fail -> exit 1, nothing written to OUT (an
+existing OUT that --force was to replace is left untouched), the output moved to
+OUT.parity-failed/ with parity-report.json inside, no temporary directories left behind.
 """
 
 from __future__ import annotations
@@ -215,11 +215,15 @@ def test_verify_passes_drifted_norms_and_reports_the_drift(tmp_path):
     assert res.returncode == 1, res.stdout
 
 
-def test_verify_fail_with_force_clears_out_and_replaces_old_failure(tmp_path, monkeypatch):
+def test_verify_fail_with_force_keeps_out_and_replaces_old_failure(tmp_path, monkeypatch):
+    """A failed --verify never costs the user the OUT they had: with --force the old OUT and its
+    contents survive; only the new output goes to OUT.parity-failed (replacing an old failure)."""
     src = raw_neox(tmp_path / "neox", same_norms=True)
     out = tmp_path / "hf"
     out.mkdir()
     (out / "stale.txt").write_text("previous export")
+    (out / "sub").mkdir()
+    (out / "sub" / "weights.bin").write_bytes(b"\x00\x01")
     failed = tmp_path / "hf.parity-failed"
     failed.mkdir()
     (failed / "parity-report.json").write_text("{}")
@@ -227,9 +231,72 @@ def test_verify_fail_with_force_clears_out_and_replaces_old_failure(tmp_path, mo
     _sum_row_biases_twice(monkeypatch)
     with pytest.raises(ParityFailure) as err:
         convert(src, out, to="hf", force=True, after_write=verifier(src, out, to="hf", force=True))
-    assert err.value.exit_code == 1
-    assert not out.exists() and not (failed / "old.txt").exists()
+    assert err.value.exit_code == 1 and "unchanged" in str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == ["stale.txt", "sub"]
+    assert (out / "stale.txt").read_text() == "previous export"
+    assert (out / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
+    assert not (failed / "old.txt").exists() and (failed / "model.safetensors").is_file()
     assert json.loads((failed / "parity-report.json").read_text())["verdict"] == "fail"
+    assert no_partials(tmp_path)
+
+
+@pytest.mark.parametrize("same_norms", [False, True], ids=["drifted-norms", "same-norms"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_verify_low_precision_tp2_gptj(tmp_path, monkeypatch, capsys, dtype, same_norms):
+    """fp16/bf16 NeoX at TP 2 with gpt_j_residual: an export holds the per-rank row-bias parts
+    summed and the norm copies averaged, each rounded once to the stored dtype. --verify models
+    exactly that, so a correct conversion passes under the fp32 tolerances (it used to fail by the
+    rounding of the sums), and a wrong one still fails."""
+    ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False,
+                                seed=21, dtype=dtype, same_norms=same_norms)
+    src = write_neox_checkpoint(tmp_path / "neox", ranks, CFG)
+    out = tmp_path / "hf"
+    code, err = run_in_process(capsys, "neox-to-hf", src, out, "--verify")
+    assert code == 0, err
+    rep = json.loads((out / "parity-report.json").read_text())
+    assert rep["verdict"] == "pass" and (rep["atol"], rep["rtol"]) == (2e-4, 1e-4)
+    assert rep["max_abs_diff"] < 1e-5, rep["max_abs_diff"]
+    wrong = tmp_path / "hf-wrong"
+    _sum_row_biases_twice(monkeypatch)
+    code, err = run_in_process(capsys, "neox-to-hf", src, wrong, "--verify")
+    assert code == 1 and "parity check failed" in err
+    assert not wrong.exists() and (tmp_path / "hf-wrong.parity-failed" / "parity-report.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def gqa_fakehead(tmp_path_factory):
+    """A GQA NeoX checkpoint in the 2024 fake-head QKV layout (recorded in its neoxconv.json)."""
+    base = tmp_path_factory.mktemp("gqa-mig")
+    hf, fh = base / "hf", base / "fh"
+    tiny_hf_model("llama", seed=8, num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
+                  intermediate_size=96).save_pretrained(hf)
+    convert(hf, fh, to="neox", tp=2, qkv_layout="gqa_fakehead")
+    return hf, fh
+
+
+def test_verify_layout_migration_checks_each_side_in_its_own_layout(gqa_fakehead, tmp_path, capsys):
+    """`convert fh mig --to neox --qkv-layout gqa_fakehead --out-qkv-layout gqa_blocked --verify`:
+    --qkv-layout is the source's layout (A only); the output is read in the layout it was written
+    in. Then `parity` takes --qkv-layout for A and --qkv-layout-b for B (default: each side's
+    recorded layout), and reading B in A's layout fails."""
+    hf, fh = gqa_fakehead
+    mig = tmp_path / "mig"
+    code, err = run_in_process(capsys, "convert", fh, mig, "--to", "neox", "--qkv-layout", "gqa_fakehead",
+                               "--out-qkv-layout", "gqa_blocked", "--verify")
+    assert code == 0, err
+    rep = json.loads((mig / "parity-report.json").read_text())
+    assert rep["verdict"] == "pass" and rep["max_abs_diff"] < 1e-5
+    assert (rep["info"]["a"]["qkv_layout"], rep["info"]["b"]["qkv_layout"]) == ("gqa_fakehead", "gqa_blocked")
+    assert not (tmp_path / "mig.parity-failed").exists()
+    for kw in ({}, {"qkv_layout": "gqa_fakehead", "qkv_layout_b": "gqa_blocked"}):
+        assert run_parity(fh, mig, tokens=16, **kw).passed
+    assert run_parity(hf, mig, tokens=16, qkv_layout="gqa_fakehead").passed  # A is HF: ignored there
+    wrong = run_parity(fh, mig, tokens=16, qkv_layout="gqa_fakehead", qkv_layout_b="gqa_fakehead")
+    assert wrong.info["logits_verdict"] == "fail"
+    res = run("parity", fh, mig, "--tokens", 16, "--qkv-layout", "gqa_fakehead", "--qkv-layout-b", "gqa_blocked")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run("parity", fh, mig, "--tokens", 16, "--qkv-layout-b", "gqa_fakehead")
+    assert res.returncode == 1, res.stdout + res.stderr
 
 
 def test_verify_refuses_a_foreign_parity_failed_dir(tmp_path):

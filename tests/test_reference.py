@@ -29,6 +29,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from neoxconv.errors import NeoxconvError  # noqa: E402
+from neoxconv.reference.neox_semantics import NeoxSemantics, attention_types  # noqa: E402
 from neoxconv.reference import (  # noqa: E402
     DEFAULT_TOLERANCES,
     InMemoryShardSource,
@@ -216,8 +217,16 @@ def gptneox_to_neox(model, tp, mlp_names=("linear1", "linear2"), bias_rule=None,
     return InMemoryShardSource(tp=tp, num_layers=L, args=args, qkv_layout="mha_interleaved", layers=layers)
 
 
-def llama_to_neox(model, tp, layout, mlp="linear1", declared=None, gated="up_gate", window=None):
-    """Llama/Mistral -> NeoX tensors (rmsnorm, swiglu, sequential residual)."""
+FLASH = "flash"
+
+
+def llama_to_neox(model, tp, layout, mlp="linear1", declared=None, gated="up_gate", window=None,
+                  attention_config=FLASH):
+    """Llama/Mistral -> NeoX tensors (rmsnorm, swiglu, sequential residual).
+
+    A window is written as NeoX keeps it: ``sliding_window_width`` = HF ``sliding_window`` - 1
+    (flash's window_size=(W, -1) sees W+1 keys, HF's W; ``window`` overrides) on flash layers
+    (``attention_config``: FLASH = every layer, or an explicit NeoX attention_config, or None)."""
     cfg = model.config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     L, n, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -267,7 +276,11 @@ def llama_to_neox(model, tp, layout, mlp="linear1", declared=None, gated="up_gat
         "use_bias_in_mlp": bool(getattr(cfg, "mlp_bias", False)),
     }
     if getattr(cfg, "sliding_window", None) is not None:
-        args["sliding_window_width"] = cfg.sliding_window if window is None else window
+        args["sliding_window_width"] = cfg.sliding_window - 1 if window is None else window
+        if attention_config == FLASH:
+            args["attention_config"] = [[["flash"], L]]
+        elif attention_config is not None:
+            args["attention_config"] = attention_config
     return InMemoryShardSource(tp=tp, num_layers=L, args=args, qkv_layout=declared or layout, layers=layers)
 
 
@@ -382,15 +395,59 @@ def test_mistral_sliding_window(mistral, tp):
 
 
 def test_mistral_window_conventions(mistral):
-    """NeoX flash sees W+1 keys, HF W (§2.3): the reference offers both; they differ, and the
-    NeoX convention with window W equals the HF convention with window W+1."""
-    src = llama_to_neox(mistral, 2, "gqa_blocked")
+    """NeoX flash sees W+1 keys, HF W (§2.3). The reference's default is NeoX's convention, so the
+    HF model with sliding_window W equals NeoX sliding_window_width W-1 (checked above); a NeoX
+    width equal to HF's is one key too wide and is detected. The "hf" convention with window W
+    equals the NeoX one with W-1."""
+    W = mistral.config.sliding_window
     toks = tokens()
-    hf = neox_reference_logits(src, toks)
-    flash = neox_reference_logits(src, toks, sliding_window_convention="neox_flash")
-    assert (hf - flash).abs().max() > WRONG_MIN
-    wider = llama_to_neox(mistral, 2, "gqa_blocked", window=mistral.config.sliding_window + 1)
-    torch.testing.assert_close(neox_reference_logits(wider, toks), flash, atol=0, rtol=0)
+    same_width = llama_to_neox(mistral, 2, "gqa_blocked", window=W)  # the pre-fix mapping: W <-> W
+    assert_detected(mistral, same_width)
+    check_parity(mistral, same_width, sliding_window_convention="hf")
+    neox = llama_to_neox(mistral, 2, "gqa_blocked")
+    assert neox.args["sliding_window_width"] == W - 1
+    torch.testing.assert_close(neox_reference_logits(neox, toks),
+                               neox_reference_logits(same_width, toks, sliding_window_convention="hf"), atol=0, rtol=0)
+
+
+def test_window_only_on_flash_layers(mistral):
+    """NeoX passes sliding_window_width only to flash attention: without attention_config (NeoX's
+    default: global) or with global layers there is no window; a mixed config windows only its
+    flash layers."""
+    toks = tokens()
+    flash = neox_reference_logits(llama_to_neox(mistral, 2, "gqa_blocked"), toks)
+    full = llama_to_neox(mistral, 2, "gqa_blocked")
+    del full.args["sliding_window_width"], full.args["attention_config"]
+    no_window = neox_reference_logits(full, toks)
+    assert (flash - no_window).abs().max() > WRONG_MIN
+    for cfg in (None, [[["global"], 2]], [[["global"], "all"]], ["global", "global"]):
+        src = llama_to_neox(mistral, 2, "gqa_blocked", attention_config=cfg)
+        assert NeoxSemantics.from_args(src.args, src.qkv_layout).sliding_window is None
+        torch.testing.assert_close(neox_reference_logits(src, toks), no_window, atol=0, rtol=0)
+    W = mistral.config.sliding_window - 1
+    for cfg, windows in (([[["flash", "global"], 1]], (W, None)), ([[["global"], 1], [["flash"], 1]], (None, W))):
+        src = llama_to_neox(mistral, 2, "gqa_blocked", attention_config=cfg)
+        sem = NeoxSemantics.from_args(src.args, src.qkv_layout)
+        assert sem.layer_windows == windows and sem.sliding_window == W
+        mixed = neox_reference_logits(src, toks)
+        assert (mixed - flash).abs().max() > WRONG_MIN and (mixed - no_window).abs().max() > WRONG_MIN
+        model = NeoxReferenceModel(src)  # the nn.Module path windows per layer too
+        with torch.no_grad():
+            torch.testing.assert_close(model(toks), mixed, atol=0, rtol=0)
+
+
+def test_attention_types_expansion():
+    """NeoX megatron/utils.py expand_attention_types, and refusal of attention the reference lacks."""
+    assert attention_types(None, 3) == ("global",) * 3
+    assert attention_types([[["flash"], 2], [["global"], 1]], 3) == ("flash", "flash", "global")
+    assert attention_types([[["global", "flash"], "all"]], 4) == ("global", "flash") * 2
+    assert attention_types(["flash", "global"], 2) == ("flash", "global")
+    assert attention_types('[[["flash"], 2]]', 2) == ("flash", "flash")  # a YAML string
+    with pytest.raises(NeoxconvError, match="expected num_layers=3"):
+        attention_types([[["flash"], 2]], 3)
+    for bad in ([[["local"], 2]], [[["flash", "sparse_fixed"], 1]], [[["mamba"], 2]]):
+        with pytest.raises(UnsupportedNeoxFeature):
+            attention_types(bad, 2)
 
 
 def test_model_module_matches_streaming(neox_parallel):
@@ -659,6 +716,18 @@ def test_meta_forward(llama_gqa, shards, embed_dim):
     tight = compare_logits(hf_model_logits(llama_gqa, toks), meta_reference_logits(meta, params, toks), VOCAB,
                            "fp32", atol=FP32_ATOL, rtol=FP32_RTOL)
     assert tight.passed, tight.summary()
+
+
+def test_meta_forward_casts_per_layer(llama_gqa):
+    """bf16 shards computed in fp32: the shards are not converted in place or as a whole (each
+    layer is cast inside the loop), and the result equals that of fp32 copies of the shards."""
+    meta, params = hf_llama_to_meta(llama_gqa, 2, 0)
+    low = [{k: v.to(torch.bfloat16) for k, v in sh.items()} for sh in meta]
+    up = [{k: v.float() for k, v in sh.items()} for sh in low]
+    toks = tokens()
+    out = meta_reference_logits(low, params, toks, dtype=torch.float32)
+    assert all(v.dtype == torch.bfloat16 for sh in low for v in sh.values())
+    torch.testing.assert_close(out, meta_reference_logits(up, params, toks), atol=0, rtol=0)
 
 
 def test_meta_forward_detects_missing_permutation(llama_gqa):

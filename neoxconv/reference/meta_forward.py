@@ -91,12 +91,14 @@ def meta_reference_logits(
     if n_heads % p or n_kv % p:
         raise NeoxconvError(f"{p} shards do not divide n_heads={n_heads} / n_kv_heads={n_kv}")
     d = dim // n_heads
-    local = [
-        {k: (v.to(group.device, dtype) if dtype is not None else v.to(group.device))
-         for k, v in shards[r].items() if k != "rope.freqs"}
-        for r in group.local_ranks
-    ]
+    # The shards stay as given (stored dtype, where they are); each layer's tensors are moved and
+    # cast to the compute dtype inside the loop, so peak memory is the stored model + one layer
+    # in the compute dtype (not the whole model in fp32 when checking a bf16 checkpoint in fp32).
+    local = [shards[r] for r in group.local_ranks]
     dtype = dtype or local[0]["tok_embeddings.weight"].dtype
+
+    def cast(name: str) -> list[torch.Tensor]:
+        return [st[name].to(group.device, dtype) for st in local]
     split = meta_embedding_split_dim(shards, dim)
     # first vocab row of each shard (equal chunks in Meta's files; computed, not assumed)
     starts = [0]
@@ -107,12 +109,14 @@ def meta_reference_logits(
     tokens = tokens.to(group.device)
 
     with torch.no_grad():
-        xs = _embed(group, tokens, [st["tok_embeddings.weight"] for st in local], split, starts)
+        xs = _embed(group, tokens, cast("tok_embeddings.weight"), split, starts)
         for i in range(n_layers):
             pre = f"layers.{i}."
-            a_in = group.copy_to_ranks([_rms(x, st[pre + "attention_norm.weight"], eps) for x, st in zip(xs, local)])
+            names = [k for k in local[0] if k.startswith(pre)]
+            layer = [dict(zip(names, ts)) for ts in zip(*(cast(k) for k in names))]
+            a_in = group.copy_to_ranks([_rms(x, st[pre + "attention_norm.weight"], eps) for x, st in zip(xs, layer)])
             parts = []
-            for a, st in zip(a_in, local):
+            for a, st in zip(a_in, layer):
                 b = a.shape[0]
                 q = F.linear(a, st[pre + "attention.wq.weight"]).view(b, s, -1, d).transpose(1, 2)
                 k = F.linear(a, st[pre + "attention.wk.weight"]).view(b, s, -1, d).transpose(1, 2)
@@ -123,13 +127,14 @@ def meta_reference_logits(
                 ctx = ops.attention(q, k, v, mask).transpose(1, 2).reshape(b, s, -1)
                 parts.append(F.linear(ctx, st[pre + "attention.wo.weight"]))
             hs = [x + y for x, y in zip(xs, group.all_reduce_sum(parts))]
-            f_in = group.copy_to_ranks([_rms(h, st[pre + "ffn_norm.weight"], eps) for h, st in zip(hs, local)])
+            f_in = group.copy_to_ranks([_rms(h, st[pre + "ffn_norm.weight"], eps) for h, st in zip(hs, layer)])
             parts = []
-            for f, st in zip(f_in, local):
+            for f, st in zip(f_in, layer):
                 gate = F.silu(F.linear(f, st[pre + "feed_forward.w1.weight"]))
                 up = F.linear(f, st[pre + "feed_forward.w3.weight"])
                 parts.append(F.linear(gate * up, st[pre + "feed_forward.w2.weight"]))
             xs = [h + y for h, y in zip(hs, group.all_reduce_sum(parts))]
-        normed = group.copy_to_ranks([_rms(x, st["norm.weight"], eps) for x, st in zip(xs, local)])
-        logits = group.all_gather_cat([F.linear(h, st["output.weight"]) for h, st in zip(normed, local)], dim=-1)
+            del layer
+        normed = group.copy_to_ranks([_rms(x, w, eps) for x, w in zip(xs, cast("norm.weight"))])
+        logits = group.all_gather_cat([F.linear(h, w) for h, w in zip(normed, cast("output.weight"))], dim=-1)
     return logits.float()

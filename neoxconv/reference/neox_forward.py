@@ -14,8 +14,8 @@ Semantics (section numbers refer to neox-formats.md):
 * **Embedding** is vocab-parallel (§3): rank ``r`` holds rows ``[r·V/p, (r+1)·V/p)``, looks up
   the tokens in its range, zeros the rest; the per-rank results are all-reduced.
 * **Norms** are replicated, and each rank applies *its own copy* (what NeoX does; the copies of a
-  real checkpoint may differ slightly, §3.2, T6; ``replicated="mean"`` uses their average, as an
-  HF export does, see :class:`ReferenceOptions`). LayerNorm with bias; RMSNorm current style
+  real checkpoint may differ slightly, §3.2, T6; ``replicated="mean"`` uses exactly what an HF
+  export holds instead, see :class:`ReferenceOptions`). LayerNorm with bias; RMSNorm current style
   ``x·rsqrt(mean(x²)+eps)·scale`` in fp32 (or the pre-2025-05 ``x/(rms+eps)``, T17, on request).
 * **QKV** (§4): ``mha_interleaved`` per rank viewed [np, 3·d] and cut in thirds;
   ``gqa_blocked`` per rank [Q_r (np·d); K_r (kvp·d); V_r (kvp·d)]; ``gqa_fakehead`` per rank
@@ -24,11 +24,14 @@ Semantics (section numbers refer to neox-formats.md):
 * **Rotary** (§4.4, T9): rotate-half on the first int(d·rotary_pct) dims (all of d if pct == 1),
   cos/sin built in fp32 and cast to the compute dtype. A stored ``inv_freq`` is ignored.
 * **Attention**: causal, scaled by 1/sqrt(d), softmax in fp32. Sliding window (Mistral, §2.3):
-  ``sliding_window_convention="hf"`` (default) lets a query see itself and W-1 earlier keys, as
-  HF's eager/sdpa masks do; ``"neox_flash"`` gives NeoX flash-attn's ``window_size=(W, -1)``,
-  itself and W earlier keys (W+1). The default is HF's because parity is checked against HF and
-  the one-token difference is a documented semantic gap (T17), not a layout bug. (NeoX applies
-  the window only with flash attention.)
+  ``sliding_window_convention="neox_flash"`` (default) is what NeoX computes: flash-attn's
+  ``window_size=(W, -1)``, a query sees itself and W earlier keys (W+1); ``"hf"`` lets it see
+  itself and W-1 earlier keys, as HF's masks with ``sliding_window: W`` do (transformers
+  4.38-5.23). NeoX's default is checked because a conversion must reproduce it: NeoX
+  ``sliding_window_width: W`` is HF ``sliding_window: W+1``. NeoX applies the window only on
+  layers whose ``attention_config`` type is ``"flash"``; other (``"global"``) layers, and
+  every layer when ``attention_config`` is absent, attend fully causally
+  (:attr:`.NeoxSemantics.layer_windows`).
 * **MLP**: ``mlp.linear1``/``mlp.linear2`` (current), legacy ``mlp.dense_h_to_4h``/
   ``mlp.dense_4h_to_h``, or legacy Llama ``mlp.w1`` (gate), ``mlp.w3`` (up), ``mlp.w2`` (down)
   (§2.1). Gated activations: each rank's ``linear1`` output is [x_r ; gate_r], output
@@ -125,18 +128,23 @@ def spec_indices(num_layers: int, tied: bool) -> dict[str, Any]:
 class ReferenceOptions:
     """Choices where NeoX and HF semantics knowingly differ (neox-formats.md T17).
 
-    * ``sliding_window_convention``: ``"hf"`` (default; W keys) or ``"neox_flash"`` (W+1 keys),
-      see :func:`.ops.causal_mask`.
+    * ``sliding_window_convention``: ``"neox_flash"`` (default; what NeoX computes: W+1 keys) or
+      ``"hf"`` (W keys, HF's masks), see :func:`.ops.causal_mask`.
     * ``rmsnorm_style``: ``"current"`` (x·rsqrt(mean(x²)+eps), NeoX since 2025-05) or
       ``"legacy"`` (x/(rms+eps), older NeoX).
     * ``replicated``: ``"own"`` (default; NeoX: every rank uses its own copy of the replicated
-      norms and sequential-residual row biases) or ``"mean"`` (every rank uses the average of the
-      copies, which is what an HF export holds, §3.2). With ``"mean"`` a parity check isolates
-      layout errors from the averaging gap of checkpoints whose copies drifted apart (e.g. 20B);
-      compare both to measure that gap. ``"mean"`` is for parity checks, not training.
+      norms and sequential-residual row biases, and adds its own part of the gpt_j row biases) or
+      ``"mean"``: exactly what a merged export holds (``neoxconv.reshard.merge``, §3.2): the
+      mean of the replicated copies and, under ``gpt_j_residual``, the total of the per-rank row
+      biases, each computed in float64 and rounded ONCE to the stored dtype (an fp16 export
+      holds fp16(mean), fp16(sum)); the rounded total is added once (by rank 0; the other ranks
+      add zeros) before the all-reduce. With ``"mean"`` a parity check isolates layout errors
+      from the averaging gap of checkpoints whose copies drifted apart (e.g. 20B) and from the
+      rounding of the merged values; compare both to measure that gap. ``"mean"`` is for parity
+      checks, not training.
     """
 
-    sliding_window_convention: str = "hf"
+    sliding_window_convention: str = "neox_flash"
     rmsnorm_style: str = "current"
     replicated: str = "own"
 
@@ -160,8 +168,14 @@ class _Run:
     head_dim: int
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor  #: the mask of layers without their own entry in ``layer_masks``
     opts: ReferenceOptions
+    layer_masks: tuple[torch.Tensor, ...] = ()  #: per layer (sliding window only on flash layers)
+
+    def mask_for(self, layer: int | None) -> torch.Tensor:
+        if layer is None or not self.layer_masks:
+            return self.mask
+        return self.layer_masks[layer]
 
 
 def _norm(run: _Run, x: torch.Tensor, st: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
@@ -212,7 +226,8 @@ def _split_qkv(run: _Run, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _attention_partial(run: _Run, x: torch.Tensor, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _attention_partial(run: _Run, x: torch.Tensor, st: Mapping[str, torch.Tensor],
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """One rank's attention: its QKV slice, its heads, its columns of ``attention.dense`` (no bias)."""
     qkv = F.linear(x, _req(st, "attention.query_key_value.weight"), st.get("attention.query_key_value.bias"))
     q, k, v = _split_qkv(run, qkv)
@@ -222,7 +237,7 @@ def _attention_partial(run: _Run, x: torch.Tensor, st: Mapping[str, torch.Tensor
     if groups > 1:  # local q head j uses local kv head j // groups (§4.2)
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    ctx = ops.attention(q, k, v, run.mask)  # [b, np, s, d]
+    ctx = ops.attention(q, k, v, run.mask if mask is None else mask)  # [b, np, s, d]
     b, np_, s, d = ctx.shape
     ctx = ctx.transpose(1, 2).reshape(b, s, np_ * d)
     return F.linear(ctx, _req(st, "attention.dense.weight"))
@@ -282,20 +297,22 @@ def _embed(run: _Run, tokens: torch.Tensor, states: RankStates) -> list[torch.Te
     return run.group.all_reduce_sum(parts)
 
 
-def _layer(run: _Run, xs: list[torch.Tensor], states: RankStates) -> list[torch.Tensor]:
+def _layer(run: _Run, xs: list[torch.Tensor], states: RankStates, layer: int | None = None) -> list[torch.Tensor]:
+    """One transformer layer on every local rank; ``layer`` (0-based) selects its attention mask."""
     g, sem = run.group, run.sem
+    mask = run.mask_for(layer)
     n1 = [_norm(run, x, st, "input_layernorm") for x, st in zip(xs, states)]
     if sem.gpt_j_residual:
         n2 = n1 if sem.gpt_j_tied else [_norm(run, x, st, "post_attention_layernorm") for x, st in zip(xs, states)]
         a_in, m_in = g.copy_to_ranks(n1), g.copy_to_ranks(n2)
         parts = []
         for a, m, st in zip(a_in, m_in, states):
-            attn = _with_bias(_attention_partial(run, a, st), st.get("attention.dense.bias"))
+            attn = _with_bias(_attention_partial(run, a, st, mask), st.get("attention.dense.bias"))
             mlp, mlp_bias = _mlp_partial(run, m, st)
             parts.append(attn + _with_bias(mlp, mlp_bias))
         return [x + y for x, y in zip(xs, g.all_reduce_sum(parts))]
     a_in = g.copy_to_ranks(n1)
-    attn = g.all_reduce_sum([_attention_partial(run, a, st) for a, st in zip(a_in, states)])
+    attn = g.all_reduce_sum([_attention_partial(run, a, st, mask) for a, st in zip(a_in, states)])
     hs = [x + _with_bias(y, st.get("attention.dense.bias")) for x, y, st in zip(xs, attn, states)]
     m_in = g.copy_to_ranks([_norm(run, h, st, "post_attention_layernorm") for h, st in zip(hs, states)])
     mlp_out = [_mlp_partial(run, m, st) for m, st in zip(m_in, states)]
@@ -349,35 +366,59 @@ def _forward(
         raise NeoxconvError(f"config hidden_size {sem.hidden_size} != embedding width {hidden}")
     head_dim = sem.head_dim(hidden)
     cos, sin = ops.rotary_cos_sin(tokens.shape[1], sem.rotary_dims(head_dim), sem.rotary_base, dtype, group.device)
-    mask = ops.causal_mask(tokens.shape[1], sem.sliding_window, opts.sliding_window_convention, group.device)
-    run = _Run(group, sem, dtype, head_dim, cos, sin, mask, opts)
+    masks: dict[int | None, torch.Tensor] = {}
+
+    def mask_of(window: int | None) -> torch.Tensor:
+        if window not in masks:
+            masks[window] = ops.causal_mask(tokens.shape[1], window, opts.sliding_window_convention, group.device)
+        return masks[window]
+
+    layer_masks = tuple(mask_of(sem.layer_window(i)) for i in range(num_layers)) if sem.layer_windows else ()
+    run = _Run(group, sem, dtype, head_dim, cos, sin, mask_of(sem.sliding_window), opts, layer_masks)
 
     xs = _embed(run, tokens, emb_states)
-    for spec_idx in idx["layers"]:
+    for layer, spec_idx in enumerate(idx["layers"]):
         states = fetch(spec_idx)
         _check_keys(states, spec_idx)
-        xs = _layer(run, xs, _replicated(run, states))
+        xs = _layer(run, xs, states, layer)
     head_states = emb_states if sem.tied_embeddings else fetch(idx["head"])
-    return _logits(run, xs, _replicated(run, fetch(idx["final_norm"])), head_states)
+    return _logits(run, xs, fetch(idx["final_norm"]), head_states)
 
 
 _NORM_PREFIXES = ("input_layernorm.", "post_attention_layernorm.", "norm.")
 _ROW_BIASES = ("attention.dense.bias", "mlp.linear2.bias", "mlp.dense_4h_to_h.bias")
 
 
-def _replicated(run: _Run, states: RankStates) -> RankStates:
-    """``replicated="mean"``: replace every replicated tensor (norms; row biases unless
-    gpt_j_residual, where they are partial sums, T5) by the mean of its rank copies."""
-    if run.opts.replicated == "own":
+def _replicated(
+    group: RankGroup,
+    sem: NeoxSemantics,
+    opts: ReferenceOptions,
+    states: RankStates,
+    stored: Mapping[str, torch.dtype] | None = None,
+) -> RankStates:
+    """``replicated="mean"``: replace what an export merges by exactly what it holds.
+
+    * replicated tensors (norms; row biases unless gpt_j_residual): the mean of the rank copies;
+    * gpt_j_residual row biases (per-rank parts of one bias, T5): their total, held by rank 0
+      (the other ranks get zeros, so the all-reduce adds it once).
+
+    Both are computed in float64 (across ranks: a float64 all-reduce) and rounded once to the
+    STORED dtype (``stored[name]``, default the tensor's own dtype), as ``reshard.merge`` does,
+    then cast to the tensors' (compute) dtype. ``"own"``: ``states`` unchanged.
+    """
+    if opts.replicated == "own":
         return states
-    names = [k for k in states[0] if k.startswith(_NORM_PREFIXES)]
-    if not run.sem.gpt_j_residual:
-        names += [k for k in states[0] if k in _ROW_BIASES]
+    stored = stored or {}
+    means = [k for k in states[0] if k.startswith(_NORM_PREFIXES) or (k in _ROW_BIASES and not sem.gpt_j_residual)]
+    sums = [k for k in states[0] if k in _ROW_BIASES and sem.gpt_j_residual]
     out = [dict(st) for st in states]
-    for k in names:
-        means = run.group.all_reduce_sum([st[k] for st in states])
-        for st, m in zip(out, means):
-            st[k] = m / run.group.tp
+    for k in means + sums:
+        like = states[0][k]
+        total = group.all_reduce_sum([st[k].double() for st in states])[0]
+        merged = total / group.tp if k in means else total
+        merged = merged.to(stored.get(k, like.dtype)).to(like.dtype)
+        for r, st in zip(group.local_ranks, out):
+            st[k] = merged if k in means or r == 0 else torch.zeros_like(like)
     return out
 
 
@@ -421,10 +462,12 @@ def neox_reference_logits(
     """
     opts = options or ReferenceOptions(**option_kwargs)
     group = _default_group(source, group)
-    sem = NeoxSemantics.from_args(source.args, source.qkv_layout)
+    sem = NeoxSemantics.from_args(source.args, source.qkv_layout, source.num_layers)
 
     def fetch(spec_idx: int) -> RankStates:
         local = _select_local(group, source.rank_states(spec_idx), source.tp, spec_idx)
+        # merged values (replicated="mean") are rounded to the stored dtype before the cast
+        local = _replicated(group, sem, opts, _cast(local, None, group.device))
         return _cast(local, dtype, group.device)
 
     with torch.no_grad():
@@ -464,7 +507,7 @@ class NeoxReferenceModel(nn.Module):
     ):
         super().__init__()
         self.group = _default_group(source, group)
-        self.semantics = NeoxSemantics.from_args(source.args, source.qkv_layout)
+        self.semantics = NeoxSemantics.from_args(source.args, source.qkv_layout, source.num_layers)
         self.semantics.validate_tp(self.group.tp)
         self.num_layers = source.num_layers
         self.options = options or ReferenceOptions(**option_kwargs)
@@ -474,8 +517,10 @@ class NeoxReferenceModel(nn.Module):
             wanted.append(idx["head"])
         self.spec_idx = tuple(wanted)
         self.slots = nn.ModuleDict()
+        self._stored_dtypes: dict[int, dict[str, torch.dtype]] = {}
         for spec_idx in wanted:
             local = _select_local(self.group, source.rank_states(spec_idx), source.tp, spec_idx)
+            self._stored_dtypes[spec_idx] = {k: v.dtype for k, v in local[0].items()}
             for r, st in zip(self.group.local_ranks, _cast(local, dtype, self.group.device)):
                 grad = requires_grad
                 self.slots[f"s{spec_idx}_r{r}"] = nn.ParameterDict(
@@ -496,6 +541,8 @@ class NeoxReferenceModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Full padded-vocab logits [b, s, V_pad] in fp32 (replicated on every rank)."""
-        return _forward(
-            self.group, self.semantics, self.num_layers, tokens, self._fetch, self.dtype, self.options
-        )
+        def fetch(spec_idx: int) -> RankStates:
+            return _replicated(self.group, self.semantics, self.options, self._fetch(spec_idx),
+                               self._stored_dtypes.get(spec_idx))
+
+        return _forward(self.group, self.semantics, self.num_layers, tokens, fetch, self.dtype, self.options)

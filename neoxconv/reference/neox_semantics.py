@@ -4,7 +4,12 @@ Defaults are NeoX's own (``megatron/neox_arguments/neox_args.py``; neox-formats.
 T12), never a converter's: rotary_pct 1.0, rotary_emb_base 10000, norm layernorm,
 layernorm_epsilon 1e-5, rms_norm_epsilon 1e-8, gpt_j_residual False, gpt_j_tied False,
 activation gelu, bias_gelu_fusion False, no_weight_tying False (tied), num_kv_heads None (MHA),
-sliding_window_width None.
+sliding_window_width None, attention_config ``[[["global"], num_layers]]``.
+
+Sliding window: NeoX passes ``sliding_window_width`` only to flash attention
+(``window_size=(W, -1)`` in ``megatron/model/transformer.py``), so a layer whose
+``attention_config`` type is not ``"flash"`` (the default is ``"global"``) has no window
+(:attr:`NeoxSemantics.layer_windows`).
 
 Features that change the forward but that the reference does not implement (learned/ALiBi
 position embeddings, QK-norm, muP, MoE, scalenorm, ...) raise :class:`UnsupportedNeoxFeature`
@@ -24,7 +29,9 @@ __all__ = [
     "GATED_ACTIVATIONS",
     "PLAIN_ACTIVATIONS",
     "NeoxSemantics",
+    "SUPPORTED_ATTENTION",
     "UnsupportedNeoxFeature",
+    "attention_types",
     "normalise_args",
 ]
 
@@ -74,6 +81,13 @@ class NeoxSemantics:
     sliding_window: int | None
     qkv_layout: str  #: the layout NeoX's forward actually uses (see from_args)
     declared_qkv_layout: str
+    #: per layer: the sliding window NeoX applies (``sliding_window_width`` on "flash" layers,
+    #: None on "global" ones). Empty: every layer uses :attr:`sliding_window`.
+    layer_windows: tuple[int | None, ...] = ()
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (0-based), None for full causal attention."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     @property
     def is_gqa(self) -> bool:
@@ -95,7 +109,8 @@ class NeoxSemantics:
         return int(head_dim * self.rotary_pct)
 
     @classmethod
-    def from_args(cls, args: Mapping[str, Any] | None, qkv_layout: str) -> NeoxSemantics:
+    def from_args(cls, args: Mapping[str, Any] | None, qkv_layout: str,
+                  num_layers: int | None = None) -> NeoxSemantics:
         """Resolve ``args`` (NeoX config) with NeoX defaults.
 
         ``qkv_layout`` is what the source declares. NeoX takes the plain MHA code path (per-head
@@ -103,6 +118,10 @@ class NeoxSemantics:
         (§2.3, T8), whatever produced the file; the reference does the same, so an MHA checkpoint
         written in a GQA layout (bug B4 / the HF-Llama importer's MHA bug) is *detected*, not
         excused. For GQA the declared layout must be ``gqa_blocked`` or ``gqa_fakehead``.
+
+        ``num_layers`` (default: the config's) expands a compact ``attention_config``.
+        ``sliding_window`` is ``sliding_window_width`` if at least one layer is a flash layer
+        (NeoX applies it nowhere else), else None; ``layer_windows`` has it per layer.
         """
         a = normalise_args(args)
         if qkv_layout not in QKV_LAYOUTS:
@@ -143,6 +162,12 @@ class NeoxSemantics:
         if not 0 < rotary_pct <= 1:
             raise NeoxconvError(f"rotary_pct must be in (0, 1], got {rotary_pct}")
         sw = a.get("sliding_window_width")
+        sw = None if sw in (None, "", 0) else int(sw)
+        layers = num_layers if num_layers is not None else a.get("num_layers")
+        types = attention_types(a.get("attention_config"), None if layers is None else int(layers))
+        layer_windows = tuple(sw if t == "flash" else None for t in types)
+        if not any(w is not None for w in layer_windows):
+            sw = None
         hidden = a.get("hidden_size")
         return cls(
             num_heads=n,
@@ -157,9 +182,10 @@ class NeoxSemantics:
             activation=activation,
             bias_gelu_fusion=_as_bool(a.get("bias_gelu_fusion", False)),
             tied_embeddings=not _as_bool(a.get("no_weight_tying", False)),
-            sliding_window=None if sw in (None, "", 0) else int(sw),
+            sliding_window=sw,
             qkv_layout=layout,
             declared_qkv_layout=qkv_layout,
+            layer_windows=layer_windows if sw is not None else (),
         )
 
     def validate_tp(self, tp: int) -> None:
@@ -172,6 +198,55 @@ class NeoxSemantics:
     def describe(self) -> dict[str, Any]:
         """Plain dict for reports."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+#: attention types the reference implements (NeoX ``attention_config`` entries)
+SUPPORTED_ATTENTION = ("global", "flash")
+
+
+def attention_types(config: Any, num_layers: int | None) -> tuple[str, ...]:
+    """NeoX ``attention_config`` -> one attention type per layer, as NeoX's
+    ``megatron/utils.py::expand_attention_types`` expands it (``[[["flash"], 2]]``,
+    ``[[["global", "flash"], "all"]]`` or an already expanded list of strings). None/empty:
+    NeoX's default, ``"global"`` for every layer. Types other than global/flash (sparse, local,
+    gmlp, mamba, rwkv, ...) raise :class:`UnsupportedNeoxFeature`."""
+    if config in (None, "", []):
+        if num_layers is None:
+            return ()
+        return ("global",) * num_layers
+    if isinstance(config, str):
+        import json
+
+        try:
+            config = json.loads(config)
+        except ValueError:
+            raise NeoxconvError(f"attention_config {config!r} is not a list") from None
+    if not isinstance(config, (list, tuple)):
+        raise NeoxconvError(f"attention_config must be a list, got {config!r}")
+    if all(isinstance(t, str) for t in config):
+        types = [str(t) for t in config]
+    else:
+        types = []
+        for item in config:
+            try:
+                pattern, count = item
+                pattern = [pattern] if isinstance(pattern, str) else [str(t) for t in pattern]
+            except (TypeError, ValueError):
+                raise NeoxconvError(f"attention_config entry {item!r} is not [[types...], count]") from None
+            if count == "all":
+                if num_layers is None or num_layers % len(pattern):
+                    raise NeoxconvError(f"attention_config {item!r}: num_layers {num_layers} is not a multiple "
+                                        f"of the pattern length {len(pattern)}")
+                types = pattern * (num_layers // len(pattern))
+                break  # NeoX returns here: "all" covers every layer
+            types.extend(pattern * int(count))
+    if num_layers is not None and len(types) != num_layers:
+        raise NeoxconvError(f"attention_config expands to {len(types)} layer types, expected num_layers={num_layers}")
+    bad = sorted(set(types) - set(SUPPORTED_ATTENTION))
+    if bad:
+        raise UnsupportedNeoxFeature(f"attention types {bad} (attention_config) are not supported by the reference "
+                                     f"forward (only {', '.join(SUPPORTED_ATTENTION)})")
+    return tuple(types)
 
 
 def _reject_unsupported(a: Mapping[str, Any]) -> None:
