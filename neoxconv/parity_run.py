@@ -22,8 +22,12 @@ Replicated copies (norms, sequential-residual row biases) that differ across Neo
 NeoX side uses each rank's own copy by default (``replicated="own"``), because that is what
 NeoX computes and therefore what a conversion must reproduce; an HF export can only hold their
 mean, so such a checkpoint fails by the size of that gap, and the report says how large the
-drift is. ``replicated="mean"`` makes the reference use the mean (what the export holds) to
-check the layout alone.
+drift is. ``replicated="mean"`` makes the reference use exactly what a merged export holds (the
+mean of the copies and the sum of gpt-j row-bias parts, rounded to the stored dtype) to check the
+layout alone; ``--verify`` uses it.
+
+The NeoX reference computes NeoX's sliding window (flash ``window_size=(W, -1)``: W+1 keys, only
+on flash layers), so NeoX ``sliding_window_width`` W must face HF ``sliding_window`` W+1.
 """
 
 from __future__ import annotations
