@@ -586,6 +586,47 @@ def test_replicated_mean_isolates_copy_drift(request, which):
     check_parity(model, src, replicated="mean")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_replicated_mean_rounds_merged_values_to_the_stored_dtype(neox_parallel, dtype):
+    """An fp16/bf16 TP=2 gpt-j checkpoint with drifted norm copies, computed in fp32: "mean" must
+    equal the TP=1 checkpoint an export holds (norm mean and row-bias sum taken in float64 and
+    rounded once to the stored dtype), in the streaming forward and the nn.Module alike."""
+    src = gptneox_to_neox(neox_parallel, 2)
+    g = torch.Generator().manual_seed(4)
+    for ranks in src.layers.values():
+        for st in ranks:
+            for k in list(st):
+                noise = 1e-2 * torch.randn(st[k].shape, generator=g) if "norm" in k else 0
+                st[k] = (st[k] + noise).to(dtype)
+    merged: dict = {}
+    for idx, ranks in src.layers.items():
+        out = {}
+        for k in ranks[0]:
+            parts = [st[k].double() for st in ranks]
+            if "norm" in k:
+                out[k] = (sum(parts) / 2).to(dtype)
+            elif k in ("attention.dense.bias", "mlp.linear2.bias"):
+                out[k] = sum(parts).to(dtype)
+            else:
+                dim = 1 if k in ("attention.dense.weight", "mlp.linear2.weight") else 0
+                out[k] = torch.cat([st[k] for st in ranks], dim=dim)
+        merged[idx] = [out]
+    export = InMemoryShardSource(1, src.num_layers, src.args, src.qkv_layout, merged)
+    toks = tokens()
+    want = neox_reference_logits(export, toks, dtype=torch.float32)
+    got = neox_reference_logits(src, toks, dtype=torch.float32, replicated="mean")
+    rep = compare_logits(want, got, VOCAB, "fp32", atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert rep.passed, rep.summary()
+    with torch.no_grad():
+        module = NeoxReferenceModel(src, dtype=torch.float32, replicated="mean")(toks)
+    torch.testing.assert_close(module, got, atol=0, rtol=0)
+    # merging in the compute dtype instead (no rounding to the stored dtype) misses the export
+    up = InMemoryShardSource(2, src.num_layers, src.args, src.qkv_layout,
+                             {i: [{k: v.float() for k, v in st.items()} for st in r] for i, r in src.layers.items()})
+    assert not compare_logits(want, neox_reference_logits(up, toks, replicated="mean"), VOCAB, "fp32",
+                              atol=FP32_ATOL, rtol=FP32_RTOL).passed
+
+
 def test_unsupported_features_raise(llama_mha):
     src = llama_to_neox(llama_mha, 1, "mha_interleaved")
     for key, value in (("pos_emb", "learned"), ("use_qk_layernorm", True), ("norm", "scalenorm")):
