@@ -118,6 +118,11 @@ def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: b
     finally:
         if "prog" in holder:
             holder["prog"].stop()
+    for warning in result.get("warnings", []):
+        text = warning if warning.startswith("WARNING") else f"WARNING: {warning}"
+        from rich.markup import escape
+
+        console.print(f"[yellow]{escape(text)}[/yellow]", highlight=False, soft_wrap=True)
     spec = result["spec"]
     src_ckpt = result["source"]
     console.print(f"[green]wrote[/green] {out}  ({to}, {spec.family}, {spec.layers} layers, "

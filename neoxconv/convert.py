@@ -52,11 +52,13 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
     from neoxconv import publish
 
     with atomic_output_dir(out, force=force) as tmp:
+        warnings: list[str] = []
         if to == "neox":
-            write_opts["extra_yaml"] = {**publish.neox_tokenizer_yaml(tmp, out, ckpt, tokenizer),
+            write_opts["extra_yaml"] = {**publish.neox_tokenizer_yaml(tmp, out, ckpt, tokenizer, warnings=warnings),
                                         **write_opts.get("extra_yaml", {})}
         result = graph.write(ckpt, to, tmp, progress=progress, dtype=parse_dtype(dtype), **write_opts)
         result["source"] = ckpt
+        result.setdefault("warnings", []).extend(warnings)
         if to == "hf":
             publish.finish_hf_export(tmp, ckpt, result, tokenizer)
         if after_write:
