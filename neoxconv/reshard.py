@@ -8,7 +8,7 @@ gated linear1) happens per rank in the NeoX adapter, after split and before merg
 | vocab      | embed, lm_head                       | chunk dim 0                  | concat dim 0           |
 | column     | q, k, v (by heads), up, gate (+bias) | chunk dim 0                  | concat dim 0           |
 | row        | o.weight, down.weight                | chunk dim 1                  | concat dim 1           |
-| row_bias   | o.bias, down.bias                    | parallel residual: b/p; else copy | parallel: sum; else rank 0 (T5) |
+| row_bias   | o.bias, down.bias                    | parallel residual: b/p; else copy | parallel: sum; else mean (T5) |
 | replicated | norms                                | copy                         | mean (T6)              |
 """
 
@@ -62,14 +62,13 @@ def merge(parts: list[torch.Tensor], role: str, parallel_residual: bool) -> torc
     if role == "row_bias":
         if parallel_residual:
             return _sum_like(parts)
-        return parts[0]
+        # Sequential residual: one bias added after the all-reduce, replicated like a norm, so
+        # copies that drifted are averaged as norms are (T5 allows rank 0 or the mean).
+        return _mean(parts)
     if role == "replicated":
         # Copies of replicated params can drift apart slightly in training (T6); the mean is
         # what every reference converter uses. Computed in fp32, cast back.
-        total = parts[0].double()
-        for t in parts[1:]:
-            total = total + t.double()
-        return (total / len(parts)).to(parts[0].dtype)
+        return _mean(parts)
     raise ValueError(role)
 
 
@@ -83,6 +82,14 @@ def split_sum(t: torch.Tensor, p: int) -> list[torch.Tensor]:
     share = (t.double() / p).to(t.dtype)
     rest = (t.double() - (p - 1) * share.double()).to(t.dtype)
     return [rest] + [share for _ in range(p - 1)]
+
+
+def _mean(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Mean in float64, cast back once (bit-exact for identical copies)."""
+    total = parts[0].double()
+    for t in parts[1:]:
+        total = total + t.double()
+    return (total / len(parts)).to(parts[0].dtype)
 
 
 def _sum_like(parts: list[torch.Tensor], acc: torch.dtype | None = None) -> torch.Tensor:

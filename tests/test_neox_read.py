@@ -19,7 +19,8 @@ def _expected(ranks, i, tp, parallel):
     s = ranks[i + 2]
     cat0 = lambda k: torch.cat([r[k] for r in s], 0)  # noqa: E731
     qkv = cat0("attention.query_key_value.weight").view(4, 3, 8, 32)
-    bias = sum(r["attention.dense.bias"].double() for r in s).float() if parallel else s[0]["attention.dense.bias"]
+    biases = torch.stack([r["attention.dense.bias"].double() for r in s])
+    bias = (biases.sum(0) if parallel else biases.mean(0)).float()
     return {
         "attn.q.weight": qkv[:, 0].reshape(32, 32), "attn.k.weight": qkv[:, 1].reshape(32, 32),
         "attn.v.weight": qkv[:, 2].reshape(32, 32),
@@ -54,13 +55,14 @@ def test_reads_deepspeed_written_checkpoint(tmp_path, layout, tp):
     assert torch.equal(head, torch.cat([r["final_linear.weight"] for r in ranks[6]]))
 
 
-def test_sequential_residual_takes_rank0_bias_and_legacy_names(tmp_path):
+def test_sequential_residual_averages_row_bias_copies_and_legacy_names(tmp_path):
     ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=True, legacy=True)
     cfg = dict(CFG, gpt_j_residual=False, no_weight_tying=False)
     ckpt = read_neox(write_neox_checkpoint(tmp_path / "c", ranks, cfg))
     assert ckpt.info["schema"] == "legacy" and ckpt.spec.tied and "lm_head.weight" not in ckpt.tensors
     got = ckpt.tensors.load_group(1)
-    assert torch.equal(got["layers.1.attn.o.bias"], ranks[3][0]["attention.dense.bias"])
+    copies = torch.stack([r["attention.dense.bias"].double() for r in ranks[3]])
+    assert torch.equal(got["layers.1.attn.o.bias"], copies.mean(0).float())
     assert torch.equal(got["layers.1.mlp.up.weight"], torch.cat([r["mlp.dense_h_to_4h.weight"] for r in ranks[3]]))
     assert not any("inv_freq" in n for n in ckpt.tensors)
 
