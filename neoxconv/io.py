@@ -3,7 +3,7 @@ sharded safetensors writing.
 
 Pickled checkpoints (`.pt`, `.bin`, `.pth`) are loaded with `weights_only=True` plus an
 explicit allowlist of the harmless non-tensor types real NeoX/DeepSpeed files hold (numpy RNG
-state, argparse.Namespace, ...). `weights_only=False` is only used when the user opts in with
+state, argparse.Namespace, ...). Full unpickling is only used when the user opts in with
 `--trust-pickle`, because unpickling arbitrary files can run code.
 """
 
