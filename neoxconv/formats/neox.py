@@ -294,47 +294,50 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
     nf.qkv_layout = layout
     L, tp = spec.layers, nf.tp
 
-    def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:
-        def states(idx: int) -> list[dict[str, torch.Tensor]]:
-            s = nf.rank_states(idx)
-            return [{k: v.to("meta") for k, v in d.items()} for d in s] if meta else s
-
-        if group == "embed":
-            return {"embed.weight": merge([s["word_embeddings.weight"] for s in states(0)], "vocab", False)}
-        if group == "final":
-            norm = states(L + 3)
-            out = {}
-            for p in ("weight", "bias"):
-                key = f"norm.{_norm_param(spec.norm, p)}"
-                if key in norm[0] and not (spec.norm == "rmsnorm" and p == "bias"):
-                    out[f"final_norm.{p}"] = merge([s[key] for s in norm], "replicated", False)
-            if not spec.tied:
-                out["lm_head.weight"] = merge([s["final_linear.weight"] for s in states(L + 4)], "vocab", False)
-            return out
-        pieces = [rank_to_layer(spec, s, tp, schema, layout) for s in states(group + 2)]
-        return {f"layers.{group}.{leaf}": merge([p[leaf] for p in pieces], role_of(f"layers.0.{leaf}"),
-                                                 spec.parallel_residual) for leaf in pieces[0]}
-
-    def check_all_used(idx: int, used: set[str]) -> None:
+    def check_used(idx: int, states: list[dict[str, torch.Tensor]], used: list[set[str]]) -> None:
         """Every stored tensor must map somewhere: dropping one silently is a wrong export."""
-        for r, sd in enumerate(nf.rank_states(idx)):
-            left = [k for k in sd if k not in used and not k.endswith("._extra_state")
+        for r, (sd, keys) in enumerate(zip(states, used, strict=True)):
+            left = [k for k in sd if k not in keys and not k.endswith("._extra_state")
                     and k != "attention.rotary_emb.inv_freq"]
             if left:
                 raise NeoxconvError(f"{nf.file_for(idx, r)}: tensor {left[0]!r} is not part of a {spec.family} "
                                     f"{'layer' if 2 <= idx < L + 2 else 'checkpoint'} as neoxconv knows it; "
                                     "refusing to drop it")
 
+    def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:
+        """One group, merged over TP ranks. The shape pass (meta=True) also checks that every
+        stored tensor is used, on the same tensors, so the files are read once for both."""
+        def states(idx: int, used: set[str] | None = None) -> list[dict[str, torch.Tensor]]:
+            s = nf.rank_states(idx)
+            if not meta:
+                return s
+            if used is not None:
+                check_used(idx, s, [used] * len(s))
+            return [{k: v.to("meta") for k, v in d.items()} for d in s]
+
+        if group == "embed":
+            return {"embed.weight": merge([s["word_embeddings.weight"] for s in states(0, {"word_embeddings.weight"})],
+                                          "vocab", False)}
+        if group == "final":
+            norm = states(L + 3, {f"norm.{_norm_param(spec.norm, p)}" for p in ("weight", "bias")})
+            out = {}
+            for p in ("weight", "bias"):
+                key = f"norm.{_norm_param(spec.norm, p)}"
+                if key in norm[0] and not (spec.norm == "rmsnorm" and p == "bias"):
+                    out[f"final_norm.{p}"] = merge([s[key] for s in norm], "replicated", False)
+            if not spec.tied:
+                head = states(L + 4, {"final_linear.weight"})
+                out["lm_head.weight"] = merge([s["final_linear.weight"] for s in head], "vocab", False)
+            return out
+        stored = states(group + 2)
+        pieces = [rank_to_layer(spec, s, tp, schema, layout) for s in stored]
+        if meta:  # the tensors a rank's pieces turn back into are the ones that were used
+            check_used(group + 2, stored, [set(layer_to_rank(spec, p, tp, schema, layout)) for p in pieces])
+        return {f"layers.{group}.{leaf}": merge([p[leaf] for p in pieces], role_of(f"layers.0.{leaf}"),
+                                                 spec.parallel_residual) for leaf in pieces[0]}
+
     groups: list[Group] = ["embed", *range(L), "final"]
     metas = {g: load(g, meta=True) for g in groups}
-    check_all_used(0, {"word_embeddings.weight"})
-    for i in range(L):
-        meta0 = {k[len(f"layers.{i}."):]: v for k, v in metas[i].items()}
-        pieces0 = {k: split(v, role_of(f"layers.0.{k}"), tp, spec.parallel_residual)[0] for k, v in meta0.items()}
-        check_all_used(i + 2, set(layer_to_rank(spec, pieces0, tp, schema, layout)))
-    check_all_used(L + 3, {f"norm.{_norm_param(spec.norm, p)}" for p in ("weight", "bias")})
-    if not spec.tied:
-        check_all_used(L + 4, {"final_linear.weight"})
     tensors = TensorMap(metas, load)
     info = {"format": "neox", "path": str(nf.tag_dir), "layout": nf.layout, "tp": tp, "pp": nf.pp,
             "iteration": nf.iteration, "schema": schema, "qkv_layout": layout, "neox_args": nf.args,
