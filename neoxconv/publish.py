@@ -106,5 +106,11 @@ def neox_tokenizer_yaml(tmp: Path, final_out: Path, ckpt: Checkpoint, tokenizer:
             print(f"WARNING: {w}", file=sys.stderr)
     if not keys:
         return {}
+    from neoxconv.tokenizer import tokenizer_size
+
+    n = tokenizer_size(keys["vocab_file"])
+    if n and n > ckpt.spec.vocab_rows:
+        raise NeoxconvError(f"{src}: tokenizer has {n} tokens, more than the model's {ckpt.spec.vocab_rows} "
+                            "embedding rows")
     keys["vocab_file"] = str(Path(final_out).resolve() / "tokenizer" / Path(keys["vocab_file"]).name)
     return keys

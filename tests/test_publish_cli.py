@@ -174,3 +174,14 @@ def test_meta_llama3_tiktoken_tokenizer(tmp_path):
     res = convert(meta, tmp_path / "hf2", to="hf")
     assert any(w.startswith("WARNING: tokenizer not exported") for w in res["warnings"])
     assert (tmp_path / "hf2" / "config.json").is_file() and not (tmp_path / "hf2" / "tokenizer.json").exists()
+
+
+def test_hf_to_neox_refuses_a_tokenizer_larger_than_the_embedding(tmp_path):
+    src = save_hf(tiny_hf_model("gptneox", vocab_size=256), tmp_path / "hf")
+    n_tok = neox_bpe(src / "tokenizer.json")
+    assert n_tok > 256
+    out = tmp_path / "neox"
+    r = run("hf-to-neox", src, out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"tokenizer has {n_tok} tokens, more than the model's 256 embedding rows" in r.stderr
+    assert not out.exists()
