@@ -26,8 +26,9 @@ drift is. ``replicated="mean"`` makes the reference use exactly what a merged ex
 mean of the copies and the sum of gpt-j row-bias parts, rounded to the stored dtype) to check the
 layout alone; ``--verify`` uses it.
 
-The NeoX reference computes NeoX's sliding window (flash ``window_size=(W, -1)``: W+1 keys, only
-on flash layers), so NeoX ``sliding_window_width`` W must face HF ``sliding_window`` W+1.
+The NeoX reference computes NeoX's sliding window (W+1 keys on global layers through the training
+mask, on flash layers through ``window_size=(W, -1)``), so NeoX ``sliding_window_width`` W must
+face HF ``sliding_window`` W+1.
 """
 
 from __future__ import annotations
@@ -192,13 +193,9 @@ def rank_group(tp: int, device: torch.device):
 
 def _sidecar_layout(path: Path) -> str | None:
     """The GQA layout neoxconv recorded next to a NeoX checkpoint it wrote (neoxconv.json)."""
-    from neoxconv.formats.neox_files import resolve_tag_dir
+    from neoxconv.formats.neox_files import read_sidecar, resolve_tag_dir
 
-    sidecar = resolve_tag_dir(path) / "neoxconv.json"
-    try:
-        layout = json.loads(sidecar.read_text()).get("qkv_layout")
-    except (OSError, ValueError, AttributeError):
-        return None
+    layout = read_sidecar(resolve_tag_dir(path)).get("qkv_layout")
     return layout if layout in ("gqa_blocked", "gqa_fakehead") else None
 
 

@@ -246,6 +246,13 @@ def test_neox_config_defaults_and_arch(tmp_path, hf_src):
     assert cfg["model_type"] == "mistral" and cfg["sliding_window"] == 8
     with pytest.raises(NeoxconvError, match="sliding-window"):
         convert(neox, tmp_path / "m-llama", to="hf", family="llama")
+    # NeoX's default global attention trains with the same window (the training mask): a
+    # model without attention_config keeps it, and the export computes what the original does
+    neox = save_neox_llama(tmp_path / "mg", mistral, 2, "gqa_blocked", attention="global")
+    assert not any("attention_config" in f.read_text().replace("-", "_") for f in neox.glob("*/configs/*.yml"))
+    convert(neox, tmp_path / "mg-hf", to="hf")
+    assert json.loads((tmp_path / "mg-hf" / "config.json").read_text())["sliding_window"] == 8
+    assert_same_logits(tmp_path / "mg-hf", logits(mistral, IDS))
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,16 +126,18 @@ def test_gpt_j_residual_without_mlp_bias_is_refused(tmp_path):
         read_neox(save)
 
 
-def test_sliding_window_only_with_flash_and_plus_one(tmp_path):
-    """NeoX flash window_size=(W, -1) sees W+1 keys = HF sliding_window W+1; without flash layers
-    NeoX applies no window at all."""
+def test_sliding_window_on_every_layer_type_plus_one(tmp_path):
+    """NeoX trains W+1 keys on flash layers (window_size=(W, -1)) and on global ones (the
+    training mask triu(diagonal=-W)) = HF sliding_window W+1; other attention types are refused."""
     from neoxconv.formats.neox import hf_sliding_window
 
     assert hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash"], 2]]}, 2, "x") == 8
     assert hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash"], "all"]]}, 2, "x") == 8
-    assert hf_sliding_window({"sliding_window_width": 7}, 2, "x") is None  # default: global attention
-    with pytest.raises(NeoxconvError, match="only some layers"):
-        hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash", "global"], 1]]}, 2, "x")
+    assert hf_sliding_window({"sliding_window_width": 7}, 2, "x") == 8  # default: global attention
+    assert hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash", "global"], 1]]}, 2, "x") == 8
+    assert hf_sliding_window({"attention_config": [[["flash", "global"], 1]]}, 2, "x") is None
+    with pytest.raises(NeoxconvError, match="sparse_fixed attention"):
+        hf_sliding_window({"attention_config": [[["flash", "sparse_fixed"], 1]]}, 2, "x")
 
 
 def test_recorded_qkv_layout_is_used_when_reading(tmp_path):
@@ -159,3 +161,20 @@ def test_output_containing_the_source_is_refused(tmp_path):
     with pytest.raises(NeoxconvError, match="must not be the source, inside it, or contain it"):
         convert(save / "global_step1000", save, to="neox", force=True)
     assert (save / "global_step1000" / "layer_02-model_00-model_states.pt").is_file()
+
+
+def test_one_qkv_layout_rule():
+    """neox_files.qkv_layout_for decides for the converter, parity and train-check alike."""
+    from neoxconv.formats.neox_files import qkv_layout_for
+
+    assert qkv_layout_for(8, 8, "legacy") == qkv_layout_for(8, 8, "current") == "mha_interleaved"
+    assert qkv_layout_for(8, 2, "current") == "gqa_blocked"
+    assert qkv_layout_for(8, 2, "legacy") == "gqa_fakehead"  # GQA came before the blocked layout
+    assert qkv_layout_for(8, 2, "legacy", recorded="gqa_blocked") == "gqa_blocked"
+    assert qkv_layout_for(8, 2, "current", declared="gqa_fakehead", recorded="gqa_blocked") == "gqa_fakehead"
+    with pytest.raises(NeoxconvError, match="cannot hold 2 KV heads"):
+        qkv_layout_for(8, 2, "current", declared="mha_interleaved")
+    with pytest.raises(NeoxconvError, match="as many KV heads as heads"):
+        qkv_layout_for(8, 8, "current", declared="gqa_blocked")
+    with pytest.raises(NeoxconvError, match="unknown --qkv-layout"):
+        qkv_layout_for(8, 2, "current", declared="blocked")

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from neoxconv.errors import NeoxconvError  # noqa: E402
 from neoxconv.reference.neox_semantics import NeoxSemantics, attention_types  # noqa: E402
+from neoxconv.reference import ops  # noqa: E402
 from neoxconv.reference import (  # noqa: E402
     DEFAULT_TOLERANCES,
     InMemoryShardSource,
@@ -410,30 +411,49 @@ def test_mistral_window_conventions(mistral):
                                neox_reference_logits(same_width, toks, sliding_window_convention="hf"), atol=0, rtol=0)
 
 
-def test_window_only_on_flash_layers(mistral):
-    """NeoX passes sliding_window_width only to flash attention: without attention_config (NeoX's
-    default: global) or with global layers there is no window; a mixed config windows only its
-    flash layers."""
+def _neox_training_mask(s: int, W: int) -> torch.Tensor:
+    """GPT-NeoX megatron/utils.py get_attn_mask, written out (True = masked), as training
+    builds it for every batch (_get_batch -> get_ltor_masks_and_position_ids)."""
+    mask = torch.tril(torch.ones((1, s, s))).view(1, 1, s, s)
+    return torch.triu(mask, diagonal=-W) < 0.5
+
+
+def _flash_window(s: int, W: int) -> torch.Tensor:
+    """flash-attn causal attention with window_size=(W, -1), written out: key j is visible to
+    query i iff i - W <= j <= i (True = visible)."""
+    allowed = torch.zeros(s, s, dtype=torch.bool)
+    for i in range(s):
+        for j in range(max(0, i - W), i + 1):
+            allowed[i, j] = True
+    return allowed
+
+
+def test_window_on_global_and_flash_layers(mistral):
+    """NeoX trains the window on every layer: global layers through the training mask, flash
+    layers through window_size=(W, -1), W+1 keys both. Checked against both written out, then
+    on logits: every attention_config (absent = global, global, flash, mixed) gives the same
+    windowed logits, which match HF Mistral with sliding_window W+1 (SEQ > window)."""
+    W = mistral.config.sliding_window - 1
+    assert SEQ > W + 1
+    ours = ops.causal_mask(SEQ, W, "neox_flash")
+    assert torch.equal(ours, ~_neox_training_mask(SEQ, W)[0, 0])
+    assert torch.equal(ours, _flash_window(SEQ, W))
     toks = tokens()
     flash = neox_reference_logits(llama_to_neox(mistral, 2, "gqa_blocked"), toks)
     full = llama_to_neox(mistral, 2, "gqa_blocked")
     del full.args["sliding_window_width"], full.args["attention_config"]
     no_window = neox_reference_logits(full, toks)
     assert (flash - no_window).abs().max() > WRONG_MIN
-    for cfg in (None, [[["global"], 2]], [[["global"], "all"]], ["global", "global"]):
-        src = llama_to_neox(mistral, 2, "gqa_blocked", attention_config=cfg)
-        assert NeoxSemantics.from_args(src.args, src.qkv_layout).sliding_window is None
-        torch.testing.assert_close(neox_reference_logits(src, toks), no_window, atol=0, rtol=0)
-    W = mistral.config.sliding_window - 1
-    for cfg, windows in (([[["flash", "global"], 1]], (W, None)), ([[["global"], 1], [["flash"], 1]], (None, W))):
+    for cfg in (None, [[["global"], 2]], [[["global"], "all"]], ["global", "global"], [[["flash", "global"], 1]],
+                [[["global"], 1], [["flash"], 1]]):
         src = llama_to_neox(mistral, 2, "gqa_blocked", attention_config=cfg)
         sem = NeoxSemantics.from_args(src.args, src.qkv_layout)
-        assert sem.layer_windows == windows and sem.sliding_window == W
-        mixed = neox_reference_logits(src, toks)
-        assert (mixed - flash).abs().max() > WRONG_MIN and (mixed - no_window).abs().max() > WRONG_MIN
+        assert sem.sliding_window == W and sem.layer_windows == (W, W)
+        torch.testing.assert_close(neox_reference_logits(src, toks), flash, atol=0, rtol=0)
+        check_parity(mistral, src)
         model = NeoxReferenceModel(src)  # the nn.Module path windows per layer too
         with torch.no_grad():
-            torch.testing.assert_close(model(toks), mixed, atol=0, rtol=0)
+            torch.testing.assert_close(model(toks), flash, atol=0, rtol=0)
 
 
 def test_attention_types_expansion():

@@ -131,6 +131,10 @@ def ckpts(tmp_path_factory):
     # What a buggy HF -> NeoX importer would write (checked against the original HF model):
     out["bias_not_divided"] = _corrupt(out["neox"][2], root / "bias_not_divided", _full_bias_on_every_rank)
     out["gate_up_swapped"] = _corrupt(out["llama"][2], root / "gate_up_swapped", _swap_gate_up)
+    # A legacy-named GQA checkpoint as old NeoX wrote it: no neoxconv.json to say its layout.
+    out["mistral_bare"] = _corrupt(out["mistral"][2], root / "mistral_bare", lambda states: False)
+    bare_tag = out["mistral_bare"] / (out["mistral_bare"] / "latest").read_text().strip()
+    (bare_tag / "neoxconv.json").unlink()
     return out
 
 
@@ -212,6 +216,7 @@ def tp2(ckpts, tmp_path_factory):
         "neox_seq_adamw": _job(ckpts["neox_seq"][2], optimizer="adamw", weight_decay=0.1, save=out / "neox_seq_adamw"),
         "llama_adamw": _job(ckpts["llama"][2], optimizer="adamw", weight_decay=0.1, save=out / "llama_adamw"),
         "mistral_given": _job(ckpts["mistral"][2], hf=ckpts["mistral"]["hf"], save=out / "mistral_given"),
+        "mistral_bare": _job(ckpts["mistral_bare"], hf=ckpts["mistral"]["hf"]),  # layout from the names alone
         "bias_not_divided": _job(ckpts["bias_not_divided"], hf=ckpts["neox"]["hf"], save=out / "never1"),
         "gate_up_swapped": _job(ckpts["gate_up_swapped"], hf=ckpts["llama"]["hf"], optimizer="adamw"),
         "neox_step_rule": _job(ckpts["neox"][2], steps=1, partial_bias_step="neox"),
@@ -233,7 +238,7 @@ def tp4(ckpts, tmp_path_factory):
     return jobs, dict(zip(jobs, run_train_checks(list(jobs.values()))))
 
 
-PASSING2 = ["neox_sgd", "neox_adamw_given", "neox_seq_adamw", "llama_adamw", "mistral_given"]
+PASSING2 = ["neox_sgd", "neox_adamw_given", "neox_seq_adamw", "llama_adamw", "mistral_given", "mistral_bare"]
 PASSING4 = ["neox_adamw", "llama_sgd", "mistral_adamw"]
 
 

@@ -26,16 +26,15 @@ import torch
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import NeoxconvError
 from neoxconv.formats.neox_config import neox_yaml
-from neoxconv.formats.neox_files import NeoxFiles, open_neox
+from neoxconv.formats.neox_files import (SCHEMAS, SIDECAR, NeoxFiles, detect_schema, open_neox, qkv_layout_for,
+                                         read_sidecar)
 from neoxconv.fusing import QKV_LAYOUTS, fuse_gated, fuse_qkv, split_gated, split_qkv
 from neoxconv.io import owned, save_pickle
 from neoxconv.reshard import merge, padded_vocab, resize_vocab, role_of, split
 from neoxconv.spec import ModelSpec
 from neoxconv.tensormap import Group, TensorMap
 
-SCHEMAS = ("current", "legacy")
 LAYOUTS = ("pipeline", "sequential")
-SIDECAR = "neoxconv.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,16 +51,6 @@ def _mlp_names(schema: str, gated: bool) -> dict[str, str]:
     if gated:
         return {"up": "mlp.w3", "gate": "mlp.w1", "down": "mlp.w2"}
     return {"in": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
-
-
-def detect_schema(layer_keys: set[str], where: str) -> str:
-    if any(k.startswith("mlp.linear1.") for k in layer_keys):
-        return "current"
-    if any(k.startswith(("mlp.dense_h_to_4h.", "mlp.w1.")) for k in layer_keys):
-        return "legacy"
-    if any("fc1_weight" in k or k.startswith("attention.qkv.") for k in layer_keys):
-        raise NeoxconvError(f"{where}: Transformer Engine parameter names are not supported yet")
-    raise NeoxconvError(f"{where}: cannot tell the NeoX naming schema (no mlp.linear1 / dense_h_to_4h / w1)")
 
 
 def layer_to_rank(spec: ModelSpec, t: dict[str, torch.Tensor], tp: int, schema: str, qkv_layout: str,
@@ -154,19 +143,20 @@ def attention_types(args: dict, layers: int) -> list[str]:
 def hf_sliding_window(args: dict, layers: int, where) -> int | None:
     """HF `sliding_window` (keys a query sees) for a NeoX config.
 
-    NeoX applies `sliding_window_width` W only in flash-attention layers, as flash's
-    window_size=(W, -1): the query and W earlier keys, W + 1 keys. Transformers' W counts the
-    query itself (W keys). So NeoX W <-> HF W + 1, and no window when no layer uses flash.
+    NeoX trains every layer with `sliding_window_width` W: global layers through the attention
+    mask (megatron/utils.py get_attn_mask: triu(tril(1), diagonal=-W)), flash layers through
+    flash-attn's window_size=(W, -1). Both let a query see itself and W earlier keys, W + 1
+    keys; transformers' `sliding_window` counts the query itself, so NeoX W <-> HF W + 1.
+    Attention types other than global and flash (sparse, gmlp, mamba, ...) are refused: no
+    Hugging Face class computes them.
     """
+    other = sorted({t for t in attention_types(args, layers) if t not in ("global", "flash")})
+    if other:
+        raise NeoxconvError(f"{where}: attention_config uses {', '.join(other)} attention, which no Hugging Face model "
+                            "class computes (supported: global, flash)")
     width = args.get("sliding_window_width")
     if not width:
         return None
-    flash = [t == "flash" for t in attention_types(args, layers)]
-    if not any(flash):
-        return None
-    if not all(flash):
-        raise NeoxconvError(f"{where}: sliding window on only some layers (attention_config mixes flash and other "
-                            "types); Hugging Face models have one window for all layers")
     return int(width) + 1
 
 
@@ -181,7 +171,8 @@ def _family(args: dict, gated: bool, rms: bool, window: int | None) -> str:
 _ACT = {"gelu": "gelu", "relu": "relu", "swiglu": "silu"}
 
 
-def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vocab_size: int | None) -> tuple[ModelSpec, str, str]:
+def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vocab_size: int | None,
+                   recorded_layout: str | None = None) -> tuple[ModelSpec, str, str]:
     a = nf.args
     where = nf.tag_dir
     emb = nf.rank_states(0)
@@ -225,16 +216,7 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
     if qkv_rows != (heads + 2 * kv) * d:
         raise NeoxconvError(f"{nf.file_for(2)}: query_key_value has {qkv_rows} rows over {tp} rank(s); "
                             f"{heads} heads / {kv} KV heads of size {d} need {(heads + 2 * kv) * d}")
-    if kv == heads:
-        layout = "mha_interleaved"
-    else:
-        # Legacy names predate the blocked GQA layout (2024-11): GQA with them is fake-head (§4.3).
-        layout = qkv_layout or ("gqa_fakehead" if schema == "legacy" else "gqa_blocked")
-        if layout == "mha_interleaved":
-            raise NeoxconvError(f"{where}: --qkv-layout mha_interleaved cannot hold {kv} KV heads for {heads} heads")
-    if qkv_layout and qkv_layout != layout and kv == heads:
-        raise NeoxconvError(f"{where}: --qkv-layout {qkv_layout} given, but the model has as many KV heads as heads "
-                            "(NeoX stores that interleaved)")
+    layout = qkv_layout_for(heads, kv, schema, declared=qkv_layout, recorded=recorded_layout, where=where)
     down = layer.get("mlp.linear2.weight", layer.get("mlp.dense_4h_to_h.weight", layer.get("mlp.w2.weight")))
     gated = act_name == "swiglu"
     if gated and "mlp.linear1.weight" in layer and layer["mlp.linear1.weight"].shape[0] != 2 * down.shape[1]:
@@ -281,16 +263,15 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
 def read_neox(path: Path, config_files: list[Path] | None = None, family: str | None = None,
               qkv_layout: str | None = None) -> Checkpoint:
     nf = open_neox(path, config_files)
-    sidecar = nf.tag_dir / SIDECAR
-    extra = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    extra = read_sidecar(nf.tag_dir)
     vocab_size = extra.get("vocab_size")
     tok = _tokenizer_size(nf)
     if tok:
         vocab_size = tok
     # neoxconv.json also keeps what NeoX's files cannot say: the HF family (a window-less
     # Mistral is a Llama to NeoX) and the HF spelling of the activation.
-    spec, schema, layout = spec_from_neox(nf, family or extra.get("family"), qkv_layout or extra.get("qkv_layout"),
-                                          vocab_size)
+    spec, schema, layout = spec_from_neox(nf, family or extra.get("family"), qkv_layout, vocab_size,
+                                          recorded_layout=extra.get("qkv_layout"))
     nf.qkv_layout = layout
     L, tp = spec.layers, nf.tp
 

@@ -161,7 +161,7 @@ def neox_yaml(spec: ModelSpec, *, tp: int, pp: int, layout: str, vocab_multiple:
     cfg["make_vocab_size_divisible_by"] = vocab_multiple
     if spec.sliding_window:
         cfg["sliding_window_width"] = spec.sliding_window
-        cfg["attention_config"] = [[["flash"], spec.layers]]  # NeoX applies SWA only with flash
+        cfg["attention_config"] = [[["flash"], spec.layers]]  # as NeoX's configs/mistral: flash computes SWA without a mask
     if dtype == "float16":
         cfg["precision"] = "fp16"
         cfg["fp16"] = {"enabled": True}

@@ -14,6 +14,7 @@ knows nothing about tensor semantics.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ from neoxconv.errors import NeoxconvError
 from neoxconv.formats.neox_config import find_config_files, read_configs
 from neoxconv.io import load_pickle
 
+SIDECAR = "neoxconv.json"
+QKV_LAYOUTS = ("mha_interleaved", "gqa_blocked", "gqa_fakehead")
+SCHEMAS = ("current", "legacy")
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 SEQ_KEY = re.compile(r"^sequential\.(\d+)\.(.+)$")
@@ -245,3 +249,59 @@ def _check_indices(nf: NeoxFiles, describe, rank: int = 0) -> int:
     if kinds.get(n + 4, "head") != "head":
         raise NeoxconvError(f"{nf.tag_dir}: unexpected tensors at spec index {n + 4}")
     return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage facts both the converter and the independent reference need: one rule each.
+
+
+def read_sidecar(tag_dir: Path) -> dict:
+    """What neoxconv recorded beside shards it wrote (neoxconv.json), {} when absent."""
+    path = Path(tag_dir) / SIDECAR
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise NeoxconvError(f"{path}: unreadable neoxconv record ({e})") from None
+    if not isinstance(data, dict):
+        raise NeoxconvError(f"{path}: expected a JSON object")
+    return data
+
+
+def detect_schema(layer_keys: set[str], where: str) -> str:
+    """NeoX tensor-name schema of a transformer layer: "current" (mlp.linear1/linear2, since
+    2024-09) or "legacy" (dense_h_to_4h / w1-w3)."""
+    if any(k.startswith("mlp.linear1.") for k in layer_keys):
+        return "current"
+    if any(k.startswith(("mlp.dense_h_to_4h.", "mlp.w1.")) for k in layer_keys):
+        return "legacy"
+    if any("fc1_weight" in k or k.startswith("attention.qkv.") for k in layer_keys):
+        raise NeoxconvError(f"{where}: Transformer Engine parameter names are not supported yet")
+    raise NeoxconvError(f"{where}: cannot tell the NeoX naming schema (no mlp.linear1 / dense_h_to_4h / w1)")
+
+
+def qkv_layout_for(heads: int, kv_heads: int, schema: str, declared: str | None = None,
+                   recorded: str | None = None, where: object = "") -> str:
+    """The fused-QKV layout of a NeoX checkpoint: the one rule converter and checkers share.
+
+    MHA (kv == heads) is always per-head interleaved: NeoX takes its MHA path whatever wrote
+    the file (T8). GQA: `declared` (--qkv-layout), else what neoxconv `recorded` in its
+    neoxconv.json, else NeoX's history: legacy names predate the blocked layout (GQA came
+    2024-02 as fake-head, blocked came 2024-11, the legacy names left 2024-09), so legacy
+    names mean fake-head and current names mean blocked.
+    """
+    prefix = f"{where}: " if where else ""
+    for name, value in (("--qkv-layout", declared), ("recorded qkv_layout", recorded)):
+        if value is not None and value not in QKV_LAYOUTS:
+            raise NeoxconvError(f"{prefix}unknown {name} {value!r} (known: {', '.join(QKV_LAYOUTS)})")
+    if kv_heads == heads:
+        if declared and declared != "mha_interleaved":
+            raise NeoxconvError(f"{prefix}--qkv-layout {declared} given, but the model has as many KV heads as heads "
+                                "(NeoX stores that interleaved)")
+        return "mha_interleaved"
+    layout = declared or (recorded if recorded != "mha_interleaved" else None) \
+        or ("gqa_fakehead" if schema == "legacy" else "gqa_blocked")
+    if layout == "mha_interleaved":
+        raise NeoxconvError(f"{prefix}--qkv-layout mha_interleaved cannot hold {kv_heads} KV heads for {heads} heads")
+    return layout

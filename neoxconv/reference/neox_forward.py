@@ -28,10 +28,10 @@ Semantics (section numbers refer to neox-formats.md):
   ``window_size=(W, -1)``, a query sees itself and W earlier keys (W+1); ``"hf"`` lets it see
   itself and W-1 earlier keys, as HF's masks with ``sliding_window: W`` do (transformers
   4.38-5.23). NeoX's default is checked because a conversion must reproduce it: NeoX
-  ``sliding_window_width: W`` is HF ``sliding_window: W+1``. NeoX applies the window only on
-  layers whose ``attention_config`` type is ``"flash"``; other (``"global"``) layers, and
-  every layer when ``attention_config`` is absent, attend fully causally
-  (:attr:`.NeoxSemantics.layer_windows`).
+  ``sliding_window_width: W`` is HF ``sliding_window: W+1``. NeoX applies the window on every
+  layer: ``"global"`` layers through the attention mask training builds
+  (``get_attn_mask``: ``triu(diagonal=-W)``, the same W+1 keys), ``"flash"`` layers through
+  flash's window (:attr:`.NeoxSemantics.layer_windows`).
 * **MLP**: ``mlp.linear1``/``mlp.linear2`` (current), legacy ``mlp.dense_h_to_4h``/
   ``mlp.dense_4h_to_h``, or legacy Llama ``mlp.w1`` (gate), ``mlp.w3`` (up), ``mlp.w2`` (down)
   (§2.1). Gated activations: each rank's ``linear1`` output is [x_r ; gate_r], output
@@ -170,7 +170,7 @@ class _Run:
     sin: torch.Tensor
     mask: torch.Tensor  #: the mask of layers without their own entry in ``layer_masks``
     opts: ReferenceOptions
-    layer_masks: tuple[torch.Tensor, ...] = ()  #: per layer (sliding window only on flash layers)
+    layer_masks: tuple[torch.Tensor, ...] = ()  #: per layer (per-layer attention masks)
 
     def mask_for(self, layer: int | None) -> torch.Tensor:
         if layer is None or not self.layer_masks:

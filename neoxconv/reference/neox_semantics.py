@@ -6,9 +6,10 @@ layernorm_epsilon 1e-5, rms_norm_epsilon 1e-8, gpt_j_residual False, gpt_j_tied 
 activation gelu, bias_gelu_fusion False, no_weight_tying False (tied), num_kv_heads None (MHA),
 sliding_window_width None, attention_config ``[[["global"], num_layers]]``.
 
-Sliding window: NeoX passes ``sliding_window_width`` only to flash attention
-(``window_size=(W, -1)`` in ``megatron/model/transformer.py``), so a layer whose
-``attention_config`` type is not ``"flash"`` (the default is ``"global"``) has no window
+Sliding window: NeoX trains every layer with ``sliding_window_width`` W: ``"global"`` layers
+through the attention mask that ``megatron/training.py`` ``_get_batch`` builds
+(``get_ltor_masks_and_position_ids`` -> ``torch.triu(mask, diagonal=-W)``), ``"flash"`` layers
+through flash-attn's ``window_size=(W, -1)``: a query sees itself and W earlier keys on both
 (:attr:`NeoxSemantics.layer_windows`).
 
 Features that change the forward but that the reference does not implement (learned/ALiBi
@@ -120,8 +121,8 @@ class NeoxSemantics:
         excused. For GQA the declared layout must be ``gqa_blocked`` or ``gqa_fakehead``.
 
         ``num_layers`` (default: the config's) expands a compact ``attention_config``.
-        ``sliding_window`` is ``sliding_window_width`` if at least one layer is a flash layer
-        (NeoX applies it nowhere else), else None; ``layer_windows`` has it per layer.
+        ``sliding_window`` is ``sliding_window_width`` (NeoX applies it on global and flash
+        layers alike), else None; ``layer_windows`` has it per layer.
         """
         a = normalise_args(args)
         if qkv_layout not in QKV_LAYOUTS:
@@ -165,7 +166,10 @@ class NeoxSemantics:
         sw = None if sw in (None, "", 0) else int(sw)
         layers = num_layers if num_layers is not None else a.get("num_layers")
         types = attention_types(a.get("attention_config"), None if layers is None else int(layers))
-        layer_windows = tuple(sw if t == "flash" else None for t in types)
+        # NeoX trains global layers with the window in the attention mask (megatron/utils.py
+        # get_attn_mask: triu(diagonal=-W)) and flash layers with window_size=(W, -1): the same
+        # W + 1 keys on every layer type the reference implements.
+        layer_windows = tuple(sw if t in SUPPORTED_ATTENTION else None for t in types)
         if not any(w is not None for w in layer_windows):
             sw = None
         hidden = a.get("hidden_size")

@@ -365,7 +365,7 @@ class _Canonicaliser:
     """NeoX per-rank tensors of one spec index -> canonical full tensors (converter rules)."""
 
     def __init__(self, model: NeoxTrainModel, layer_keys: set[str]):
-        from ..formats.neox import detect_schema
+        from ..formats.neox_files import detect_schema
 
         sem = model.semantics
         self.tp = model.group.tp
@@ -519,8 +519,18 @@ def _compare_weights(group, model, canon, hf: _HFSide | None, tol: float, eps: f
 # --------------------------------------------------------------------------------------------
 
 
-def _declared_qkv_layout(opts: TrainCheckOptions, files) -> str:
-    return opts.qkv_layout or _sidecar(files).get("qkv_layout") or "gqa_blocked"
+def _declared_qkv_layout(opts: TrainCheckOptions, files, rank: int) -> str:
+    """The converter's rule (neox_files.qkv_layout_for): legacy names + GQA = fake-head."""
+    from ..formats.neox_files import detect_schema, qkv_layout_for
+
+    a = files.args
+    if "num_attention_heads" not in a:
+        raise NeoxconvError(f"{files.tag_dir}: num_attention_heads is unknown: no NeoX YAML in configs/; pass --config FILE")
+    heads = int(a["num_attention_heads"])
+    kv = int(a.get("num_kv_heads") or heads)
+    schema = detect_schema(set(files.rank_state(2, rank)), str(files.file_for(2, rank)))
+    return qkv_layout_for(heads, kv, schema, declared=opts.qkv_layout, recorded=_sidecar(files).get("qkv_layout"),
+                          where=files.tag_dir)
 
 
 def _rank_main(group: DistributedGroup, opts: TrainCheckOptions) -> dict:
@@ -539,7 +549,7 @@ def _rank_main(group: DistributedGroup, opts: TrainCheckOptions) -> dict:
         if files.tp != tp:
             raise NeoxconvError(f"{files.tag_dir}: the checkpoint has TP={files.tp} but {tp} processes were started "
                                 f"(train-check runs one process per TP rank: use --nproc-per-node {files.tp})")
-        source = LocalShards(files, (rank,), _declared_qkv_layout(opts, files))
+        source = LocalShards(files, (rank,), _declared_qkv_layout(opts, files, rank))
         model = NeoxTrainModel(source, group=group, dtype=dtype)
         return files, source, model
 
