@@ -157,7 +157,7 @@ def neox_to_hf(
                     qkv_layout=qkv_layout, force=force, dtype=dtype, max_shard_size=parse_size(max_shard_size),
                     trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, verify=verify)
     if push_to_hub:
-        from neoxconv.upload import upload_command
+        from neoxconv.hub import upload_command
 
         upload_command(out, push_to_hub, revision=revision, private=private, console=console)
 
@@ -375,7 +375,7 @@ def upload_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the files and sizes that would be uploaded; send nothing.")] = False,
 ) -> None:
     """Upload an exported model to the Hugging Face Hub in one commit (validated first)."""
-    from neoxconv.upload import upload_command
+    from neoxconv.hub import upload_command
 
     upload_command(directory, repo_id, revision=revision, private=private, commit_message=commit_message,
                    create_pr=create_pr, token=token, endpoint=endpoint, dry_run=dry_run, console=console)

@@ -21,7 +21,8 @@ import neoxconv
 from neoxconv.errors import NeoxconvError
 from neoxconv.modelcard import write_model_card
 from neoxconv.tokenizer import apply_special_ids, export_tokenizer
-from neoxconv.upload import upload, upload_command, validate_export_dir
+from neoxconv.export_check import validate_export_dir
+from neoxconv.hub import upload, upload_command
 
 REPO_ID = f"{USER}/pythia-tiny"
 PROMPT_IDS = [[0, 5, 17, 42, 99, 120, 7, 3], [1, 200, 201, 202, 0, 11, 12, 13]]
@@ -351,22 +352,31 @@ def test_invalid_repo_id(export_dir, fake_hub):
 
 
 def test_large_folder_uses_upload_large_folder_when_available(export_dir, fake_hub, monkeypatch):
-    """huggingface_hub 0.25-0.x has HfApi.upload_large_folder; the installed 2.x does not (checked below)."""
+    """huggingface_hub 0.25-1.x has HfApi.upload_large_folder; the installed 2.x does not (checked below).
+    It commits without our message, so README.md goes last, in the commit that carries the message."""
     from huggingface_hub import HfApi
 
     calls = []
 
-    def fake_upload_large_folder(self, repo_id, folder_path, *, repo_type=None, revision=None, private=None, **kw):
+    def fake_upload_large_folder(self, repo_id, folder_path, *, repo_type=None, revision=None, private=None,
+                                 ignore_patterns=None, **kw):
         # same signature as the real method; it commits (possibly several times) without a message
-        calls.append({"repo_id": repo_id, "folder_path": folder_path, "revision": revision, "private": private, **kw})
-        self.upload_folder(repo_id=repo_id, folder_path=folder_path, revision=revision, commit_message="large folder part 1")
+        calls.append({"repo_id": repo_id, "folder_path": folder_path, "revision": revision,
+                      "ignore_patterns": list(ignore_patterns or []), **kw})
+        self.upload_folder(repo_id=repo_id, folder_path=folder_path, revision=revision, commit_message="large folder part 1",
+                           ignore_patterns=ignore_patterns)
 
     monkeypatch.setattr(HfApi, "upload_large_folder", fake_upload_large_folder, raising=False)
     result = upload(export_dir, REPO_ID, revision="step100", private=True, token=VALID_TOKEN, endpoint=fake_hub.url,
-                    large_folder_threshold=1024)
+                    commit_message="step 100", large_folder_threshold=1024)
     assert result.method == "upload_large_folder"
-    assert calls == [{"repo_id": REPO_ID, "folder_path": str(export_dir.resolve()), "revision": "step100", "private": True}]
-    assert result.commit_oid == fake_hub.head(REPO_ID, "step100").oid
+    assert calls == [{"repo_id": REPO_ID, "folder_path": str(export_dir.resolve()), "revision": "step100",
+                      "ignore_patterns": ["README.md"]}]
+    history = fake_hub.history(REPO_ID, "step100")
+    assert [c.title for c in history[:2]] == ["step 100", "large folder part 1"]
+    assert set(history[0].files) - set(history[1].files) == {"README.md"}  # the card comes last: complete when there
+    assert result.commit_oid == history[0].oid and fake_hub.repos[REPO_ID].private
+    assert fake_hub.files(REPO_ID, "step100") == {**_local_files(export_dir), ".gitattributes": fake_hub.gitattributes()}
     # below the threshold: plain upload_folder
     small = upload(export_dir, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=fake_hub.url)
     assert small.method == "upload_folder" and len(calls) == 1
