@@ -89,8 +89,8 @@ tokenizer = AutoTokenizer.from_pretrained({{ load_args }})
 {% endif %}{% if fingerprint %}### Source fingerprint
 
 `{{ fingerprint.digest }}`: SHA-256 over the name, size and SHA-256 of each source file of this
-step. The same record is in the commit message; `neoxconv export-run` compares it to skip steps
-whose source has not changed.
+step. `neoxconv export-run` compares it with the source to skip steps that have not changed
+(on the Hub, the commit that completes the branch carries it too).
 
 <details>
 <summary>{{ fingerprint.files | length }} source files</summary>
@@ -202,6 +202,8 @@ def render_model_card(provenance: dict, default_name: str = "model") -> str:
     from huggingface_hub import ModelCard
 
     prov = _scrub(dict(provenance or {}))
+    if prov.get("source_dir") is not None:
+        prov["source_dir"] = _basename(prov["source_dir"])
     for key, default in (("neoxconv_version", neoxconv.__version__), ("model_name", default_name)):
         if prov.get(key) is None:
             prov[key] = default
