@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import neoxconv
-from neoxconv.errors import NeoxconvError
+from neoxconv.errors import NeoxconvError, ParityFailure
 from neoxconv.export_check import one_line
 from neoxconv.run_steps import HashCache, discover_steps, fingerprint, select_steps, step_args, tokens_seen
 
@@ -240,8 +240,11 @@ def _to_hub(run: _Run, selected: list[int], targets: dict[int, str], repo_id: st
         out = work_dir / branch
         try:
             run.say(f"step {step}: converting")
-            run.convert(step, out, run.card_extras(step, fp)
-                        | {"model_name": client.repo_id, "repo_id": client.repo_id, "revision": branch}, rep)
+            try:
+                run.convert(step, out, run.card_extras(step, fp)
+                            | {"model_name": client.repo_id, "repo_id": client.repo_id, "revision": branch}, rep)
+            except ParityFailure:  # the verifier moved the export aside, into the work dir that goes away
+                raise ParityFailure(f"parity check failed ({_parity_reasons(out)}); not uploaded") from None
             run.say(f"step {step}: uploading {human_size(rep.bytes)} to {client.repo_id}@{branch}")
             client.ensure_branch(branch)
             pushed = client.push(out, branch, _title(run, step, branch), record_text(step, fp), replace=True,
@@ -260,6 +263,15 @@ def _to_hub(run: _Run, selected: list[int], targets: dict[int, str], repo_id: st
                                            "main" in branches)
     finally:
         _rmtree(work_dir)
+
+
+def _parity_reasons(out: Path) -> str:
+    from neoxconv.parity_run import REPORT_NAME, failed_dir
+
+    try:
+        return "; ".join(json.loads((failed_dir(out) / REPORT_NAME).read_text())["info"]["reasons"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no report"
 
 
 def _matches(record: dict | None, step: int, fp: dict) -> bool:

@@ -164,6 +164,22 @@ def test_hub_run_incremental(run, fake_hub, tmp_path):
     assert fake_hub.head(REPO, "main").oid == main_head
 
 
+def test_verify_failure_is_a_failed_step(run, fake_hub, monkeypatch):
+    """A real conversion bug injected (row biases of a parallel residual merged twice, issue #962
+    style): --verify fails the step, which is not uploaded; main is not touched."""
+    import neoxconv.formats.neox as neox
+
+    real = neox.merge
+    monkeypatch.setattr(neox, "merge", lambda parts, role, parallel: real(parts, role, parallel) * (
+        2 if role == "row_bias" and parallel else 1))
+    report = export_run(run, repo_id=REPO, token=VALID_TOKEN, endpoint=fake_hub.url, steps="300", verify=True)
+    (rep,) = report.steps
+    assert rep.status == "failed" and rep.error.startswith("parity check failed (logits differ beyond tolerance")
+    assert rep.error.endswith("; not uploaded") and report.failed == 1
+    assert sorted(fake_hub.repos[REPO].branches) == ["main"] and len(fake_hub.history(REPO)) == 1
+    assert report.main == {"status": "not updated", "step": None, "error": "step 300 failed"}
+
+
 def test_local_mode(run, tmp_path):
     out = tmp_path / "exports"
     report = export_run(run, out, steps="100,300")
