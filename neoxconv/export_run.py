@@ -105,10 +105,9 @@ def _dir_bytes(d: Path) -> int:
 class _Run:
     """One export-run invocation: the loop over steps and what it shares between them."""
 
-    def __init__(self, run_dir: Path, report: RunReport, *, verify: bool, say: Callable[[str], None],
-                 cache: HashCache):
-        self.run_dir, self.report, self.verify, self.say, self.cache = run_dir, report, verify, say, cache
-        self.steps = discover_steps(run_dir)
+    def __init__(self, run_dir: Path, steps: dict[int, Path], report: RunReport, *, verify: bool,
+                 say: Callable[[str], None], cache: HashCache):
+        self.run_dir, self.steps, self.report, self.verify, self.say, self.cache = run_dir, steps, report, verify, say, cache
 
     def card_extras(self, step: int, fp: dict) -> dict:
         tokens, rule = tokens_seen(step_args(self.steps[step]), step)
@@ -140,17 +139,19 @@ class _Run:
 
     def each(self, selected: list[int], targets: dict[int, str], work: Callable[[int, StepReport], None]) -> None:
         for i, step in enumerate(selected, 1):
-            rep = StepReport(step, targets[step], source_bytes=_dir_bytes(self.steps[step]))
+            rep = StepReport(step, targets[step])
             self.report.steps.append(rep)
             start = time.monotonic()
             self.say(f"[{i}/{len(selected)}] step {step} → {targets[step]}: fingerprinting the source")
             try:
+                rep.source_bytes = _dir_bytes(self.steps[step])
                 rep.tokens_seen = tokens_seen(step_args(self.steps[step]), step)[0]
                 work(step, rep)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001 - one step's failure is reported; the others go on
-                rep.status, rep.error = "failed", one_line(e) if isinstance(e, NeoxconvError) else f"{type(e).__name__}: {one_line(e)}"
+                rep.status = "failed"
+                rep.error = one_line(e) if isinstance(e, NeoxconvError) else f"{type(e).__name__}: {one_line(e)}"
             finally:
                 self.cache.save()
                 rep.seconds = round(time.monotonic() - start, 3)
@@ -177,7 +178,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, repo_id: 
     selected = select_steps(available, steps, run_dir)
     targets = {s: branch_name(branch_template, s) for s in selected}
     report = RunReport(str(run_dir), str(repo_id or out_dir), "hub" if repo_id else "local", dry_run)
-    run = _Run(run_dir, report, verify=verify, say=say, cache=cache or HashCache())
+    run = _Run(run_dir, available, report, verify=verify, say=say, cache=cache or HashCache())
     if repo_id:
         _to_hub(run, selected, targets, repo_id, main=main, private=private, token=token, endpoint=endpoint,
                 dry_run=dry_run)

@@ -207,11 +207,11 @@ class HubClient:
         """Send ``directory`` to ``branch`` (which must exist) and return the final commit.
 
         * default: one ``upload_folder`` commit (files identical on the Hub are not re-sent);
-        * ``replace``: files on the branch that ``directory`` lacks are deleted in the same commit;
         * ``last="README.md"``: every other file is sent first (``upload_folder``, which with
-          hf_xet may commit a big folder in several parts), then ``last`` alone (with the
-          deletions) in the commit that carries ``message``: a branch whose head is that commit
-          holds the complete folder, whatever interrupted an earlier try;
+          hf_xet may commit a big folder in several parts), then ``last`` alone in the commit that
+          carries ``message``: a branch whose head is that commit holds the complete folder,
+          whatever interrupted an earlier try;
+        * ``replace``: files on the branch that ``directory`` lacks are deleted, in that last commit;
         * above ``large_folder_threshold`` bytes, ``HfApi.upload_large_folder`` (resumable) is used
           where the installed huggingface_hub has it; it sets no commit message, so ``last``
           defaults to README.md there.
@@ -226,13 +226,12 @@ class HubClient:
             last = "README.md"
         if last is not None and not (directory / last).is_file():
             last = None
-        if not large and last is None:
+        if not (large or last or replace):
             with self.errors("upload the folder", branch):
                 commit = self.api.upload_folder(
                     repo_id=self.repo_id, folder_path=str(directory), repo_type="model",
                     revision=None if create_pr else branch, commit_message=message,
                     commit_description=description or None, create_pr=create_pr,
-                    delete_patterns=["*"] if replace else None,
                 )
             return Pushed("upload_folder", getattr(commit, "oid", None),
                           getattr(commit, "commit_url", None) or str(commit), getattr(commit, "pr_url", None))
