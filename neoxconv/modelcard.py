@@ -286,4 +286,20 @@ def name_model_card(out_dir: str | os.PathLike, model_name: str, repo_id: str | 
     if text == path.read_text(encoding="utf-8"):
         return "unchanged"
     _write(path, text)
+    _refresh_manifest(Path(out_dir), "README.md")
     return "named"
+
+
+def _refresh_manifest(out_dir: Path, name: str) -> None:
+    """Keep ``neoxconv-manifest.json`` (every output file's size and sha256) true for ``name``."""
+    import hashlib
+
+    manifest = out_dir / "neoxconv-manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+        entry = data["files"][name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest, or it does not list the card
+    raw = (out_dir / name).read_bytes()
+    entry.update(size=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    manifest.write_text(json.dumps(data, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -124,6 +125,13 @@ def test_name_model_card(tmp_path):
     assert 'from_pretrained("org/pythia-tiny", revision="step100")' in body and "<this repo>" not in body
     assert meta["neoxconv"]["iteration"] == 100  # the provenance is kept
     assert name_model_card(tmp_path, "org/pythia-tiny", "org/pythia-tiny", "step100") == "unchanged"
+    # an output manifest (neoxconv-manifest.json) stays true for the renamed card
+    (tmp_path / "neoxconv-manifest.json").write_text(json.dumps(
+        {"format": "neoxconv-manifest", "version": 1, "files": {"README.md": {"size": 1, "sha256": "0"}}}))
+    assert name_model_card(tmp_path, "org/pythia-tiny", "org/pythia-tiny", "step200") == "named"
+    raw = (tmp_path / "README.md").read_bytes()
+    listed = json.loads((tmp_path / "neoxconv-manifest.json").read_text())["files"]["README.md"]
+    assert listed == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     edited = (tmp_path / "README.md").read_text().replace("## Provenance", "## Provenance\n\nTrained on my data.")
     (tmp_path / "README.md").write_text(edited)
     assert name_model_card(tmp_path, "org/other", "org/other") == "edited"
