@@ -39,14 +39,21 @@ class ExportCheck:
     warnings: list[str] = field(default_factory=list)
 
 
-def list_upload_files(directory: str | os.PathLike) -> list[tuple[str, int]]:
-    """Files ``upload_folder`` would send (same ignore rules: ``.git/``, ``.cache/huggingface/``)."""
-    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+# What HfApi.upload_folder never sends, as its documentation says: any `.git/` folder, and the
+# `.cache/huggingface/` metadata that downloads into a local folder leave behind.
+NEVER_UPLOADED = ((".git",), (".cache", "huggingface"))
 
+
+def list_upload_files(directory: str | os.PathLike) -> list[tuple[str, int]]:
+    """Files ``upload_folder`` would send (path relative to ``directory``, size), in path order."""
     root = Path(directory).expanduser().resolve()
-    rel = {p.relative_to(root).as_posix(): p for p in sorted(root.glob("**/*")) if p.is_file()}
-    kept = filter_repo_objects(rel.keys(), ignore_patterns=list(DEFAULT_IGNORE_PATTERNS))
-    return [(r, rel[r].stat().st_size) for r in kept]
+    out = []
+    for p in sorted(root.glob("**/*")):
+        parts = p.relative_to(root).parts
+        skipped = any(parts[i:i + len(rule)] == rule for rule in NEVER_UPLOADED for i in range(len(parts)))
+        if p.is_file() and not skipped:
+            out.append((p.relative_to(root).as_posix(), p.stat().st_size))
+    return out
 
 
 def _safetensors_problem(path: Path) -> tuple[str | None, set[str]]:

@@ -8,7 +8,7 @@ import pytest
 
 from fixtures.hf_export import build_export, copy_dir
 from neoxconv.errors import NeoxconvError
-from neoxconv.export_check import validate_export_dir
+from neoxconv.export_check import list_upload_files, validate_export_dir
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,14 @@ def test_validate_config_and_weights(export_dir, tmp_path):
     with pytest.raises(NeoxconvError, match="not a directory"):
         validate_export_dir(tmp_path / "nope")
 
+
+
+def test_listing_skips_what_upload_folder_never_sends(export_dir, tmp_path):
+    d = copy_dir(export_dir, tmp_path)
+    for junk in (".git/config", "extra/.git/HEAD", ".cache/huggingface/download/x.lock"):
+        (d / junk).parent.mkdir(parents=True, exist_ok=True)
+        (d / junk).write_text("x")
+    (d / "extra" / "notes.txt").write_text("kept")
+    names = [n for n, _ in list_upload_files(d)]
+    assert "extra/notes.txt" in names and names == sorted(names)
+    assert not [n for n in names if ".git/" in n or n.startswith(".cache/")]
