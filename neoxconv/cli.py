@@ -157,7 +157,7 @@ def neox_to_hf(
                     qkv_layout=qkv_layout, force=force, dtype=dtype, max_shard_size=parse_size(max_shard_size),
                     trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, verify=verify)
     if push_to_hub:
-        from neoxconv.upload import upload_command
+        from neoxconv.hub import upload_command
 
         upload_command(out, push_to_hub, revision=revision, private=private, console=console)
 
@@ -375,10 +375,62 @@ def upload_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the files and sizes that would be uploaded; send nothing.")] = False,
 ) -> None:
     """Upload an exported model to the Hugging Face Hub in one commit (validated first)."""
-    from neoxconv.upload import upload_command
+    from neoxconv.hub import upload_command
 
     upload_command(directory, repo_id, revision=revision, private=private, commit_message=commit_message,
                    create_pr=create_pr, token=token, endpoint=endpoint, dry_run=dry_run, console=console)
+
+
+@app.command("export-run")
+def export_run_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="NeoX save dir of a training run (its global_stepN directories).")],
+    out_dir: Annotated[Optional[Path], typer.Argument(
+        help="Local output: one complete HF export per step in OUT_DIR/step{N}/ (or use --push-to-hub).")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", help="Hub repository (namespace/name, created if missing): one branch per step.")] = None,
+    steps: Annotated[str, typer.Option(
+        "--steps", help="Steps to export: all, a list (1000,2000) or START:STOP:STRIDE (STOP exclusive, like "
+                        "Python; items can be mixed: 0,1,2,1000:144000:1000).")] = "all",
+    branch_template: Annotated[str, typer.Option(
+        "--branch-template", help="Branch (or directory) name per step; {step} is the step number.")] = "step{step}",
+    main: Annotated[str, typer.Option(
+        "--main", help="latest: main holds the newest exported step (Hub); none: main is left alone.")] = "latest",
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check each step's logit parity against its NeoX source (fp32); the result goes in the "
+                         "card, a failing step is not uploaded.")] = False,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repo as private; refuse a public one.")] = False,
+    token: Annotated[Optional[str], typer.Option("--token", help="Hugging Face token. Default: $HF_TOKEN, then the stored login.")] = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub URL. Default: $HF_ENDPOINT or https://huggingface.co.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List what would be converted, uploaded and skipped; convert and send nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout (no progress).")] = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Export every checkpoint of a training run, one Hub branch (or directory) per step, incrementally:
+    steps whose source is unchanged are skipped; exit 1 if any step failed. See docs/publishing.md."""
+    from rich.markup import escape
+    from transformers.utils import logging as hf_logging
+
+    from neoxconv.export_run import export_run, render_report
+    from neoxconv.io import set_trust_pickle
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if as_json:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    set_trust_pickle(trust_pickle)
+    report = export_run(run_dir, out_dir, push_to_hub, steps=steps, branch_template=branch_template, main=main,
+                        verify=verify, private=private, token=token, endpoint=endpoint, dry_run=dry_run,
+                        on_progress=None if as_json else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
+    if as_json:
+        import json
+
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_report(report, out_console)
+    raise typer.Exit(1 if report.failed else 0)
 
 
 @app.command("demo")

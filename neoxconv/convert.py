@@ -60,6 +60,7 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         result["source"] = ckpt
         result.setdefault("warnings", []).extend(warnings)
         if to == "hf":
+            result["model_name"] = out.resolve().name  # the card's title: OUT's name, never the temp dir's
             publish.finish_hf_export(tmp, ckpt, result, tokenizer)
         if after_write:
             after_write(tmp, result)

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -72,18 +71,20 @@ def owned(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().clone()
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 500*2**20, plain numbers are bytes."""
-    m = _SIZE.match(str(text))
-    if not m:
+    """A size in bytes, read the way transformers reads ``save_pretrained(max_shard_size=...)``
+    (``transformers.utils.hub.convert_file_size_to_int``: 5GB, 500MB, 2GiB, 10KiB), plus a bare
+    byte count. Units are bytes in any letter case ("5gb" is 5 GB, not gigabits)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    value = str(text).strip().replace(" ", "")
+    try:
+        size = int(value) if value.isdigit() else convert_file_size_to_int(value.upper())
+    except ValueError:
+        size = 0
+    if size <= 0:
         raise NeoxconvError(f"cannot read size {text!r} (use e.g. 5GB, 500MB, 2GiB)")
-    num, unit = float(m.group(1)), m.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit[:1] in "KMGT" else ""]
-    return int(num * base**power)
+    return size
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ def provenance(ckpt: Checkpoint, result: dict) -> dict:
     info, spec = ckpt.info, result["spec"]
     fmt = info.get("format", "")
     return {
+        "model_name": result.get("model_name"),
         "family": {"gptneox": "gpt-neox"}.get(spec.family, spec.family),
         "license": (info.get("neox_args") or {}).get("license") or (info.get("hf_config") or {}).get("license"),
         "source_format": f"{fmt}-{info['layout']}" if info.get("layout") else fmt,

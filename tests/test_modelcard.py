@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
 import yaml
 
 import neoxconv
-from neoxconv.modelcard import render_model_card, write_model_card
+from neoxconv.modelcard import name_model_card, read_provenance, render_model_card, write_model_card
 
 PROVENANCE = {
     "model_name": "pythia-tiny-step100",
@@ -104,3 +105,50 @@ def test_padding_note_from_tokenizer_info(tmp_path):
     assert "28 more rows" in body and "GPTNeoXTokenizer (hf-json)" in body
     _, body = split_card(render_model_card({"vocab_size": 128, "embedding_rows": 128}))
     assert "no vocabulary padding" in body
+
+
+def test_card_renders_again_from_itself(tmp_path):
+    """The front matter keeps the (scrubbed) provenance: the card can be rendered again from itself."""
+    write_model_card(tmp_path, PROVENANCE)
+    text = (tmp_path / "README.md").read_text()
+    prov = read_provenance(tmp_path)
+    assert prov["source_dir"] == "global_step100" and prov["parity"]["reference"] == "reference_logits.pt"
+    assert render_model_card(prov) == text
+    assert read_provenance(tmp_path / "nowhere") is None
+
+
+def test_name_model_card(tmp_path):
+    write_model_card(tmp_path, PROVENANCE)
+    assert name_model_card(tmp_path, "org/pythia-tiny", "org/pythia-tiny", "step100") == "named"
+    meta, body = split_card((tmp_path / "README.md").read_text())
+    assert body.lstrip().startswith("# org/pythia-tiny\n")
+    assert 'from_pretrained("org/pythia-tiny", revision="step100")' in body and "<this repo>" not in body
+    assert meta["neoxconv"]["iteration"] == 100  # the provenance is kept
+    assert name_model_card(tmp_path, "org/pythia-tiny", "org/pythia-tiny", "step100") == "unchanged"
+    # an output manifest (neoxconv-manifest.json) stays true for the renamed card
+    (tmp_path / "neoxconv-manifest.json").write_text(json.dumps(
+        {"format": "neoxconv-manifest", "version": 1, "files": {"README.md": {"size": 1, "sha256": "0"}}}))
+    assert name_model_card(tmp_path, "org/pythia-tiny", "org/pythia-tiny", "step200") == "named"
+    raw = (tmp_path / "README.md").read_bytes()
+    listed = json.loads((tmp_path / "neoxconv-manifest.json").read_text())["files"]["README.md"]
+    assert listed == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    edited = (tmp_path / "README.md").read_text().replace("## Provenance", "## Provenance\n\nTrained on my data.")
+    (tmp_path / "README.md").write_text(edited)
+    assert name_model_card(tmp_path, "org/other", "org/other") == "edited"
+    assert (tmp_path / "README.md").read_text() == edited  # a hand-edited card is left alone
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# mine\n")
+    assert name_model_card(tmp_path, "org/other", "org/other") == "foreign"
+
+
+def test_conversion_card_is_titled_by_the_output_dir(tmp_path):
+    """Not by the temporary directory the conversion writes into (`.hf.partial-XXXX`)."""
+    from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
+    from neoxconv.convert import convert
+
+    ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
+    save = write_neox_checkpoint(tmp_path / "ckpt", ranks, dict(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                                                rotary_pct=0.25, no_weight_tying=True))
+    convert(save, tmp_path / "pythia-tiny-hf", to="hf")
+    meta, body = split_card((tmp_path / "pythia-tiny-hf" / "README.md").read_text())
+    assert body.lstrip().startswith("# pythia-tiny-hf\n") and "partial" not in body
+    assert meta["neoxconv"]["model_name"] == "pythia-tiny-hf"

@@ -4,167 +4,36 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from hub_server import ORG, READ_TOKEN, USER, VALID_TOKEN, FakeHub
 from rich.console import Console
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 import neoxconv
+from fixtures.hf_export import LOADER, PROMPT_IDS, build_export, copy_dir, local_files
 from neoxconv.errors import NeoxconvError
+from neoxconv.hub import upload, upload_command
 from neoxconv.modelcard import write_model_card
-from neoxconv.tokenizer import apply_special_ids, export_tokenizer
-from neoxconv.upload import upload, upload_command, validate_export_dir
 
 REPO_ID = f"{USER}/pythia-tiny"
-PROMPT_IDS = [[0, 5, 17, 42, 99, 120, 7, 3], [1, 200, 201, 202, 0, 11, 12, 13]]
-
-
-def _tokenizer_json(path: Path) -> Path:
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["the quick brown fox jumps over the lazy dog", "pythia step one hundred checkpoint"] * 10
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<|endoftext|>", "<|padding|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tok.save(str(path))
-    return path
-
-
-def _build_export(out: Path, max_shard_size: str | None = None) -> torch.Tensor:
-    """A complete export dir: tiny seeded GPT-NeoX (safetensors), tokenizer, card. Returns logits."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    out.mkdir(parents=True, exist_ok=True)
-    tok_json = _tokenizer_json(out.parent / f"{out.name}-20B_tokenizer.json")
-    n_tok = Tokenizer.from_file(str(tok_json)).get_vocab_size(with_added_tokens=True)
-    rows = ((n_tok + 127) // 128) * 128  # NeoX-style padded vocabulary
-    torch.manual_seed(1234)
-    config = GPTNeoXConfig(
-        vocab_size=rows,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        rotary_pct=0.25,
-    )
-    model = GPTNeoXForCausalLM(config).eval()
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, safe_serialization=True, **kwargs)
-    info = export_tokenizer(tok_json, out, embedding_rows=rows, family="gpt-neox", model_max_length=64)
-    cfg = json.loads((out / "config.json").read_text())
-    gen = json.loads((out / "generation_config.json").read_text())
-    apply_special_ids(cfg, gen, info)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    write_model_card(
-        out,
-        {"family": "gpt-neox", "source_dir": "/runs/tiny/global_step100", "iteration": 100, "tp": 1, "pp": 1,
-         "dtype": "float32", "tokenizer": info.to_dict(), "license": "apache-2.0"},
-    )
-    with torch.no_grad():
-        return model(torch.tensor(PROMPT_IDS)).logits
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "pythia-tiny-step100"
-    logits = _build_export(out)
+    logits = build_export(out)
     return out, logits
 
 
 @pytest.fixture
 def export_dir(export):
     return export[0]
-
-
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / src.name
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _local_files(d: Path) -> dict[str, bytes]:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def test_validate_complete_export(export_dir):
-    check = validate_export_dir(export_dir)
-    names = [n for n, _ in check.files]
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(names)
-    assert check.weight_files == ["model.safetensors"]
-    assert check.total_bytes == sum((export_dir / n).stat().st_size for n in names)
-    assert check.warnings == []
-
-
-def test_validate_missing_shard(tmp_path):
-    out = tmp_path / "sharded"
-    _build_export(out, max_shard_size="40KB")
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) >= 2
-    validate_export_dir(out)  # complete: fine
-    (out / shards[-1]).unlink()
-    with pytest.raises(NeoxconvError, match=rf"model.safetensors.index.json names missing file\(s\): {shards[-1]}") as e:
-        validate_export_dir(out)
-    assert "\n" not in str(e.value)
-
-
-def test_validate_index_tensor_not_in_shard(tmp_path):
-    out = tmp_path / "sharded"
-    _build_export(out, max_shard_size="40KB")
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    first = sorted(set(index["weight_map"].values()))[0]
-    index["weight_map"]["gpt_neox.layers.9.attention.dense.weight"] = first
-    (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(NeoxconvError, match=rf"{first} lacks tensor\(s\) listed in model.safetensors.index.json: gpt_neox.layers.9"):
-        validate_export_dir(out)
-
-
-def test_validate_truncated_and_garbage_safetensors(export_dir, tmp_path):
-    d = _copy(export_dir, tmp_path)
-    data = (d / "model.safetensors").read_bytes()
-    (d / "model.safetensors").write_bytes(data[:-100])
-    with pytest.raises(NeoxconvError, match=r"model.safetensors: data section is \d+ bytes but the header describes \d+"):
-        validate_export_dir(d)
-    (d / "model.safetensors").write_bytes(b"\xff" * 64)
-    with pytest.raises(NeoxconvError, match="model.safetensors: header length"):
-        validate_export_dir(d)
-    (d / "model.safetensors").write_bytes((20).to_bytes(8, "little") + b"this is not json!!!!")
-    with pytest.raises(NeoxconvError, match="header is not valid JSON"):
-        validate_export_dir(d)
-
-
-def test_validate_config_and_weights(export_dir, tmp_path):
-    d = _copy(export_dir, tmp_path)
-    (d / "config.json").write_text("{ broken")
-    with pytest.raises(NeoxconvError, match="config.json does not load with transformers"):
-        validate_export_dir(d)
-    (d / "config.json").unlink()
-    (d / "model.safetensors").unlink()
-    with pytest.raises(NeoxconvError, match="config.json is missing; no weights file"):
-        validate_export_dir(d)
-    with pytest.raises(NeoxconvError, match="not a directory"):
-        validate_export_dir(tmp_path / "nope")
 
 
 # ----------------------------------------------------------------------------- upload
@@ -182,7 +51,7 @@ def test_upload_to_step_branch(export_dir, fake_hub):
     # the branch holds exactly the local folder (plus the Hub's .gitattributes), in ONE commit
     head = fake_hub.head(REPO_ID, "step100")
     assert result.commit_oid == head.oid and result.commit_url.endswith(head.oid)
-    assert fake_hub.files(REPO_ID, "step100") == {**_local_files(export_dir), ".gitattributes": fake_hub.gitattributes()}
+    assert fake_hub.files(REPO_ID, "step100") == {**local_files(export_dir), ".gitattributes": fake_hub.gitattributes()}
     assert [c.title for c in fake_hub.history(REPO_ID, "step100")] == ["Pythia-tiny step 100", "initial commit"]
     assert [c.title for c in fake_hub.history(REPO_ID, "main")] == ["initial commit"]  # main untouched
     assert head.files["model.safetensors"].lfs and not head.files["config.json"].lfs
@@ -218,7 +87,7 @@ def test_one_branch_per_step_and_reupload(export_dir, fake_hub, tmp_path):
     assert len(fake_hub.history(REPO_ID, "step100")) == 2
 
     # next training step on its own branch, created from main
-    d = _copy(export_dir, tmp_path)
+    d = copy_dir(export_dir, tmp_path)
     (d / "extra").mkdir()
     (d / "extra" / "train_args.yml").write_text("train_iters: 200\n")  # subdirectories are uploaded too
     result = upload(d, REPO_ID, revision="step200", token=VALID_TOKEN, endpoint=fake_hub.url)
@@ -227,6 +96,29 @@ def test_one_branch_per_step_and_reupload(export_dir, fake_hub, tmp_path):
     assert len(fake_hub.history(REPO_ID, "step200")) == 2
     assert fake_hub.head(REPO_ID, "step100").oid == first
     assert sorted(fake_hub.repos[REPO_ID].branches) == ["main", "step100", "step200"]
+
+
+def test_upload_names_the_model_card(export_dir, fake_hub, tmp_path):
+    """The card of an export is titled by its directory; published, it is titled by the repo id."""
+    d = copy_dir(export_dir, tmp_path)
+    write_model_card(d, {"iteration": 100, "family": "gpt-neox"}, force=True)
+    before = (d / "README.md").read_text()
+    assert "\n# pythia-tiny-step100\n" in before
+    upload(d, REPO_ID, revision="step100", endpoint=fake_hub.url, dry_run=True)
+    assert (d / "README.md").read_text() == before  # a dry run changes nothing
+
+    result = upload(d, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=fake_hub.url)
+    text = (d / "README.md").read_text()
+    assert result.model_card == "named" and f"\n# {REPO_ID}\n" in text
+    assert f'from_pretrained("{REPO_ID}", revision="step100")' in text
+    assert fake_hub.files(REPO_ID, "step100")["README.md"] == text.encode()  # the directory matches the Hub
+    assert dict(result.files)["README.md"] == len(text.encode())
+
+    # a card edited by hand is published as it is
+    (d / "README.md").write_text(text.replace("## Provenance", "## Provenance\n\nMy notes."))
+    result = upload(d, f"{ORG}/other", token=VALID_TOKEN, endpoint=fake_hub.url)
+    published = fake_hub.files(f"{ORG}/other")["README.md"]
+    assert result.model_card == "edited" and b"My notes." in published and f"# {REPO_ID}\n".encode() in published
 
 
 def test_upload_to_org_main_and_default_message(export_dir, fake_hub):
@@ -244,7 +136,7 @@ def test_repo_name_without_namespace_uses_token_owner(export_dir, fake_hub):
 def test_create_pr_with_changes(export_dir, fake_hub, tmp_path):
     upload(export_dir, REPO_ID, token=VALID_TOKEN, endpoint=fake_hub.url, commit_message="first")
     main_head = fake_hub.head(REPO_ID).oid
-    d = _copy(export_dir, tmp_path)
+    d = copy_dir(export_dir, tmp_path)
     (d / "README.md").write_text("---\nlicense: mit\n---\n# changed\n")
     result = upload(d, REPO_ID, token=VALID_TOKEN, endpoint=fake_hub.url, create_pr=True, commit_message="as PR")
     assert result.pr_url and result.pr_url.endswith("/discussions/1")
@@ -271,12 +163,12 @@ def test_dry_run_sends_nothing(export_dir, fake_hub):
     result = upload(export_dir, REPO_ID, revision="step100", private=True, endpoint=fake_hub.url, dry_run=True)
     assert fake_hub.requests == []
     assert result.dry_run and result.commit_oid is None and result.method == "upload_folder"
-    assert dict(result.files) == {n: len(b) for n, b in _local_files(export_dir).items()}
+    assert dict(result.files) == {n: len(b) for n, b in local_files(export_dir).items()}
     assert result.total_bytes == sum(dict(result.files).values())
 
 
 def test_dry_run_still_validates(export_dir, fake_hub, tmp_path):
-    d = _copy(export_dir, tmp_path)
+    d = copy_dir(export_dir, tmp_path)
     (d / "model.safetensors").unlink()
     with pytest.raises(NeoxconvError, match="no weights file"):
         upload(d, REPO_ID, endpoint=fake_hub.url, dry_run=True)
@@ -351,22 +243,31 @@ def test_invalid_repo_id(export_dir, fake_hub):
 
 
 def test_large_folder_uses_upload_large_folder_when_available(export_dir, fake_hub, monkeypatch):
-    """huggingface_hub 0.25-0.x has HfApi.upload_large_folder; the installed 2.x does not (checked below)."""
+    """huggingface_hub 0.25-1.x has HfApi.upload_large_folder; the installed 2.x does not (checked below).
+    It commits without our message, so README.md goes last, in the commit that carries the message."""
     from huggingface_hub import HfApi
 
     calls = []
 
-    def fake_upload_large_folder(self, repo_id, folder_path, *, repo_type=None, revision=None, private=None, **kw):
+    def fake_upload_large_folder(self, repo_id, folder_path, *, repo_type=None, revision=None, private=None,
+                                 ignore_patterns=None, **kw):
         # same signature as the real method; it commits (possibly several times) without a message
-        calls.append({"repo_id": repo_id, "folder_path": folder_path, "revision": revision, "private": private, **kw})
-        self.upload_folder(repo_id=repo_id, folder_path=folder_path, revision=revision, commit_message="large folder part 1")
+        calls.append({"repo_id": repo_id, "folder_path": folder_path, "revision": revision,
+                      "ignore_patterns": list(ignore_patterns or []), **kw})
+        self.upload_folder(repo_id=repo_id, folder_path=folder_path, revision=revision, commit_message="large folder part 1",
+                           ignore_patterns=ignore_patterns)
 
     monkeypatch.setattr(HfApi, "upload_large_folder", fake_upload_large_folder, raising=False)
     result = upload(export_dir, REPO_ID, revision="step100", private=True, token=VALID_TOKEN, endpoint=fake_hub.url,
-                    large_folder_threshold=1024)
+                    commit_message="step 100", large_folder_threshold=1024)
     assert result.method == "upload_large_folder"
-    assert calls == [{"repo_id": REPO_ID, "folder_path": str(export_dir.resolve()), "revision": "step100", "private": True}]
-    assert result.commit_oid == fake_hub.head(REPO_ID, "step100").oid
+    assert calls == [{"repo_id": REPO_ID, "folder_path": str(export_dir.resolve()), "revision": "step100",
+                      "ignore_patterns": ["README.md"]}]
+    history = fake_hub.history(REPO_ID, "step100")
+    assert [c.title for c in history[:2]] == ["step 100", "large folder part 1"]
+    assert set(history[0].files) - set(history[1].files) == {"README.md"}  # the card comes last: complete when there
+    assert result.commit_oid == history[0].oid and fake_hub.repos[REPO_ID].private
+    assert fake_hub.files(REPO_ID, "step100") == {**local_files(export_dir), ".gitattributes": fake_hub.gitattributes()}
     # below the threshold: plain upload_folder
     small = upload(export_dir, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=fake_hub.url)
     assert small.method == "upload_folder" and len(calls) == 1
@@ -386,7 +287,7 @@ def test_large_folder_on_installed_hub_is_resumable_pipeline(export_dir, hub_cli
     with FakeHub(regular_only=True) as hub:
         result = upload(export_dir, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=hub.url, large_folder_threshold=1)
         assert result.method == "upload_folder"
-        assert hub.files(REPO_ID, "step100") == _local_files(export_dir)
+        assert hub.files(REPO_ID, "step100") == local_files(export_dir)
         assert len(hub.requests_matching("POST", "/commit/")) == 1
         # re-running (what one does after an interruption) resumes: nothing left to send
         hub.clear_requests()
@@ -423,23 +324,6 @@ def test_upload_command_output(export_dir, fake_hub):
 
 
 # ----------------------------------------------------------------------------- load back
-
-
-LOADER = textwrap.dedent(
-    """
-    import json, sys, torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    repo, revision, prompt, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
-    model = AutoModelForCausalLM.from_pretrained(repo, revision=revision).eval()
-    tok = AutoTokenizer.from_pretrained(repo, revision=revision)
-    with torch.no_grad():
-        logits = model(torch.tensor(prompt)).logits
-    torch.save({"logits": logits, "ids": tok("the quick brown fox")["input_ids"],
-                "specials": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
-                "gen": [model.generation_config.eos_token_id, model.generation_config.pad_token_id],
-                "cls": type(model).__name__}, out)
-    """
-)
 
 
 def test_from_pretrained_through_fake_hub(export, fake_hub, tmp_path):
@@ -479,7 +363,7 @@ def test_fake_hub_serves_the_read_api(export_dir, fake_hub, tmp_path):
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, RevisionNotFoundError
 
-    d = _copy(export_dir, tmp_path / "src")
+    d = copy_dir(export_dir, tmp_path / "src")
     (d / "extra").mkdir()
     (d / "extra" / "notes.txt").write_text("hello\n")
     upload(d, REPO_ID, revision="step100", token=VALID_TOKEN, endpoint=fake_hub.url)
