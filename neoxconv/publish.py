@@ -68,6 +68,11 @@ def prepare(ckpt: Checkpoint, to: str, *, tokenizer: Path | None = None, chat_te
 
     src = tokenizer_source(ckpt, tokenizer)
     warnings: list[str] = []
+    if to == "meta":  # Meta holds the tokenizer.model file as it is, and no settings
+        if chat_template is not None or eos_tokens:
+            raise NeoxconvError("--chat-template and --eos-token cannot be written to a Meta checkpoint: it holds "
+                                "only tokenizer.model")
+        return TokenizerPlan(src, ckpt.text, warnings)
     try:
         text, notes = resolve_settings(ckpt.text, src, explicit=tokenizer is not None, chat_template=chat_template,
                                        eos_tokens=tuple(eos_tokens))

@@ -156,7 +156,8 @@ def test_eos_token_and_chat_template_options(instruct, tmp_path, monkeypatch, ca
     tok = AutoTokenizer.from_pretrained(back)
     assert tok.eos_token == "<|endoftext|>" and tok.chat_template == template.read_text()
     assert generation_values(back)["eos_token_id"] == [2, 0]  # the source's eos first, then the new one
-    assert tok.apply_chat_template(MESSAGES, tokenize=False) == "You are brief.<|endoftext|>What is a checkpoint?<|endoftext|>"
+    assert tok.apply_chat_template(MESSAGES, tokenize=False) == \
+        "You are brief.<|endoftext|>What is a checkpoint?<|endoftext|>"
     capsys.readouterr()
 
     bad = tmp_path / "bad"

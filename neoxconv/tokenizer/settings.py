@@ -167,7 +167,8 @@ def resolve_settings(recorded: TextSettings, source: Path | None, *, explicit: b
 
     ``recorded`` is what the reader found; ``source`` the tokenizer that is carried along
     (``explicit``: given with ``--tokenizer``, whose own settings then replace the recorded ones).
-    What is not recorded comes from the tokenizer by the T16 rules. ``chat_template`` (a Jinja
+    What is not recorded comes from the tokenizer by the T16 rules, and so do the ids of a
+    generation config that transformers derived from config.json. ``chat_template`` (a Jinja
     file) replaces the default template. ``eos_tokens``: the first becomes the tokenizer's
     eos_token, and all are added after generation_config's eos ids; one that is not in the
     vocabulary is an error naming it.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neoxconv.errors import NeoxconvError
-from neoxconv.tokenizer.kinds import (KIND_HF_DIR, KIND_HF_JSON, KIND_SENTENCEPIECE, KIND_TIKTOKEN, looks_like_tiktoken,
+from neoxconv.tokenizer.kinds import (KIND_HF_DIR, KIND_HF_JSON, KIND_SENTENCEPIECE, looks_like_tiktoken,
                                       model_file, one_line, require, tokenizer_kind)
 
 
