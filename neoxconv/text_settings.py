@@ -101,10 +101,12 @@ class GenerationSettings:
         return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
     def with_eos(self, ids: list[int]) -> GenerationSettings:
-        """These eos ids added after the present ones (a list once there is more than one)."""
+        """These eos ids added after the present ones (a list once there is more than one); the
+        result is a choice, no longer derived from config.json."""
         merged = list(dict.fromkeys([*self.eos_ids, *ids]))
         return dataclasses.replace(self, eos_token_id=None if not merged else merged[0] if len(merged) == 1
-                                   else tuple(merged))
+                                   else tuple(merged),
+                                   params=tuple((k, v) for k, v in self.params if k != "_from_model_config"))
 
     def token_ids(self) -> dict[str, Any]:
         """bos/eos/pad ids for ``config.json`` (only the known ones; a list eos as a list)."""

@@ -473,7 +473,7 @@ def test_missing_extra_is_named(extra, spm_model, tiktoken_file, tmp_path, monke
 def test_hf_dir_settings_and_record(tmp_path):
     """What an HF tokenizer directory records (tokenizer_config.json, special_tokens_map.json, named
     chat templates, generation_config.json) survives the neoxconv record unchanged."""
-    from neoxconv.text_settings import TextSettings
+    from neoxconv.text_settings import GenerationSettings, TextSettings
     from neoxconv.tokenizer import hf_dir_settings
 
     d = tmp_path / "hf"
@@ -494,5 +494,11 @@ def test_hf_dir_settings_and_record(tmp_path):
     assert gen.eos_ids == (2, 7) and gen.to_json() == {"temperature": 0.6, "eos_token_id": [2, 7]}
     again = TextSettings.from_record(json.loads(json.dumps(text.to_record())), "record")
     assert again == text
+    # an eos added to a generation config transformers derived from config.json makes it a choice,
+    # which the next conversion must not re-derive from the tokenizer
+    derived = GenerationSettings.from_json({"_from_model_config": True, "eos_token_id": 2, "use_cache": True})
+    chosen = derived.with_eos([5, 2])
+    assert derived.derived and not chosen.derived
+    assert chosen.to_json() == {"use_cache": True, "eos_token_id": [2, 5]}
     with pytest.raises(NeoxconvError, match="record: not a neoxconv-text-settings record"):
         TextSettings.from_record({"tokenizer": None}, "record")

@@ -4,10 +4,10 @@ record nothing (NeoX's tokenizer JSON, SentencePiece, Meta's tiktoken), and ``--
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from neoxconv.errors import NeoxconvError
-from neoxconv.io import read_json
 from neoxconv.text_settings import TOKENIZER_OPTIONS, AddedToken, GenerationSettings, TextSettings, TokenizerSettings
 from neoxconv.tokenizer.kinds import (KIND_HF_DIR, KIND_HF_JSON, KIND_SENTENCEPIECE, NEOX_EOD, NEOX_PAD, model_file,
                                       tokenizer_kind)
@@ -66,19 +66,28 @@ def hf_tokenizer_settings(d: Path) -> TokenizerSettings | None:
 
 def hf_generation_settings(d: Path) -> GenerationSettings | None:
     if (d / "generation_config.json").is_file():
-        return GenerationSettings.from_json(read_json(d / "generation_config.json"), str(d / "generation_config.json"))
+        return GenerationSettings.from_json(_json_or_empty(d / "generation_config.json"),
+                                            str(d / "generation_config.json"))
     if (d / "config.json").is_file():
-        cfg = read_json(d / "config.json")
+        cfg = _json_or_empty(d / "config.json")
         ids = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
         if ids:
             return GenerationSettings.from_json({"_from_model_config": True, **ids}, str(d / "config.json"))
     return None
 
 
+def _read_json(path: Path):
+    """A JSON file read as UTF-8 (tokenizer files hold non-ASCII tokens, whatever the locale)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise NeoxconvError(f"{path}: not a readable JSON file ({e})") from None
+
+
 def _json_or_empty(path: Path) -> dict:
     if not path.is_file():
         return {}
-    data = read_json(path)
+    data = _read_json(path)
     if not isinstance(data, dict):
         raise NeoxconvError(f"{path}: expected a JSON object")
     return data
@@ -87,7 +96,7 @@ def _json_or_empty(path: Path) -> dict:
 def _added_tokens(d: Path, cfg: dict) -> tuple[AddedToken, ...]:
     keys = ("special", "normalized", "lstrip", "rstrip", "single_word")
     if (d / "tokenizer.json").is_file():
-        entries = [(t["id"], t) for t in read_json(d / "tokenizer.json").get("added_tokens") or ()]
+        entries = [(t["id"], t) for t in _json_or_empty(d / "tokenizer.json").get("added_tokens") or ()]
     else:
         entries = [(int(i), t) for i, t in (cfg.get("added_tokens_decoder") or {}).items()]
     return tuple(AddedToken(int(i), t["content"], **{k: bool(t[k]) for k in keys if k in t})
