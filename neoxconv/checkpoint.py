@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from neoxconv.spec import ModelSpec
 from neoxconv.tensormap import TensorMap
+from neoxconv.text_settings import TextSettings
 
 
 @dataclass
@@ -15,3 +16,5 @@ class Checkpoint:
     # Provenance and format-specific extras: format, path, iteration, tp, pp, layout,
     # neox_args (merged YAML), tokenizer (path), qkv_layout, schema ...
     info: dict = field(default_factory=dict)
+    # Tokenizer and generation settings (special tokens, chat template, generation_config.json).
+    text: TextSettings = field(default_factory=TextSettings)

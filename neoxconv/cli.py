@@ -32,6 +32,13 @@ QkvOpt = Annotated[Optional[str], typer.Option(
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
     "--tokenizer", help="Tokenizer to carry along: a tokenizer.json, a tokenizer.model or an HF tokenizer dir "
                         "(default: the source's own, e.g. the NeoX config's vocab-file or the HF dir's tokenizer).")]
+ChatTemplateOpt = Annotated[Optional[Path], typer.Option(
+    "--chat-template", help="Jinja chat template file that replaces the source's default chat template "
+                            "(e.g. for Meta Llama 3 Instruct, whose files do not carry one).")]
+EosTokenOpt = Annotated[Optional[list[str]], typer.Option(
+    "--eos-token", help="End-of-turn token, repeatable: the first becomes the tokenizer's eos_token, and all are "
+                        "added to generation_config.json's eos ids (Llama 3 Instruct: --eos-token '<|eot_id|>' "
+                        "gives [<|end_of_text|>, <|eot_id|>]). Exit 2 if not in the vocabulary.")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Load pickled inputs with full unpickling (can run code: only for files you trust).")]
 VerifyOpt = Annotated[bool, typer.Option(
@@ -141,6 +148,8 @@ def neox_to_hf(
     trim_vocab_padding: TrimOpt = False,
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    eos_token: EosTokenOpt = None,
     push_to_hub: Annotated[Optional[str], typer.Option(
         "--push-to-hub", help="After converting, upload OUT to this Hub repo (namespace/name) in one commit.")] = None,
     revision: Annotated[Optional[str], typer.Option(
@@ -155,7 +164,8 @@ def neox_to_hf(
 
     _run_conversion(ckpt, out, "hf", trust_pickle, src_format="neox", config_files=config, family=_family(arch),
                     qkv_layout=qkv_layout, force=force, dtype=dtype, max_shard_size=parse_size(max_shard_size),
-                    trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, verify=verify)
+                    trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify)
     if push_to_hub:
         from neoxconv.hub import upload_command
 
@@ -175,6 +185,8 @@ def hf_to_neox(
     arch: ArchOpt = "auto",
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    eos_token: EosTokenOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
@@ -182,7 +194,8 @@ def hf_to_neox(
     """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP (the tokenizer is copied beside it)."""
     _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch), qkv_layout=qkv_layout,
                     force=force, dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema,
-                    vocab_multiple=vocab_multiple, tokenizer=tokenizer, verify=verify)
+                    vocab_multiple=vocab_multiple, tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify)
 
 
 @app.command("llama-to-neox")
@@ -197,6 +210,8 @@ def llama_to_neox(
     vocab_multiple: VocabMultipleOpt = 128,
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    eos_token: EosTokenOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
@@ -204,7 +219,8 @@ def llama_to_neox(
     """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
     _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=qkv_layout, force=force,
                     dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple,
-                    tokenizer=tokenizer, verify=verify)
+                    tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify)
 
 
 @app.command("convert")
@@ -230,6 +246,8 @@ def convert_cmd(
         "--meta-style", help="--to meta: llama3 (embedding split on the vocab, default) or llama2 (split on the "
                              "hidden dim, params.json keys Llama 1/2 code accepts). Default: the source's, if Meta.")] = None,
     tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    eos_token: EosTokenOpt = None,
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
@@ -249,7 +267,8 @@ def convert_cmd(
     else:
         raise NeoxconvError(f"unknown --to {to!r} (use neox, hf or meta)")
     _run_conversion(src, out, to, trust_pickle, config_files=config, family=_family(arch), qkv_layout=qkv_layout,
-                    force=force, dtype=dtype, tokenizer=tokenizer, verify=verify, **opts)
+                    force=force, dtype=dtype, tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify, **opts)
 
 
 @app.command("parity")

@@ -23,12 +23,13 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
             family: str | None = None, qkv_layout: str | None = None, force: bool = False, dtype: str = "auto",
             progress: Callable[[str], None] | None = None, on_read: Callable | None = None,
             after_write: Callable[[Path, dict], None] | None = None, tokenizer: Path | None = None,
-            **write_opts) -> dict:
+            chat_template: Path | None = None, eos_tokens: tuple[str, ...] | list[str] = (), **write_opts) -> dict:
     """Convert `src` into a new directory `out` in format `to`. Nothing is left at `out` on failure.
 
-    HF outputs also get the tokenizer and a model card; NeoX outputs a copy of the tokenizer
-    that the written YAML points at (neoxconv.publish). `after_write(tmp, result)` runs on the
-    finished temporary directory before it is renamed into place (the --verify hook).
+    Every output gets the tokenizer and its settings (special tokens, chat template, generation
+    config; `chat_template` / `eos_tokens` set them), HF outputs a model card (neoxconv.publish).
+    `after_write(tmp, result)` runs on the finished temporary directory before it is renamed into
+    place (the --verify hook).
     """
     from neoxconv import graph
     from neoxconv.io import atomic_output_dir
@@ -41,6 +42,10 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         raise NeoxconvError(f"{out}: output must not be the source, inside it, or contain it")
     ckpt = graph.read(src, fmt=src_format, config_files=config_files, family=family,
                       qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
+    from neoxconv import publish
+
+    plan = publish.prepare(ckpt, to, tokenizer=tokenizer, chat_template=chat_template, eos_tokens=eos_tokens)
+    ckpt.text = plan.text
     if on_read:
         on_read(ckpt)
     if to == "neox" and (qkv_layout or "out_qkv_layout" in write_opts):
@@ -49,19 +54,14 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         write_opts["qkv_layout"] = write_opts.pop("out_qkv_layout", None) or qkv_layout
     if to == "hf" and family:
         write_opts["family"] = family
-    from neoxconv import publish
-
     with atomic_output_dir(out, force=force) as tmp:
-        warnings: list[str] = []
         if to == "neox":
-            write_opts["extra_yaml"] = {**publish.neox_tokenizer_yaml(tmp, out, ckpt, tokenizer, warnings=warnings),
+            write_opts["extra_yaml"] = {**publish.neox_tokenizer_yaml(tmp, out, ckpt, plan, plan.warnings),
                                         **write_opts.get("extra_yaml", {})}
         result = graph.write(ckpt, to, tmp, progress=progress, dtype=parse_dtype(dtype), **write_opts)
         result["source"] = ckpt
-        result.setdefault("warnings", []).extend(warnings)
-        if to == "hf":
-            result["model_name"] = out.resolve().name  # the card's title: OUT's name, never the temp dir's
-            publish.finish_hf_export(tmp, ckpt, result, tokenizer)
+        result["model_name"] = out.resolve().name  # the card's title: OUT's name, never the temp dir's
+        publish.finish(tmp, ckpt, to, result, plan)
         if after_write:
             after_write(tmp, result)
     return result

@@ -97,6 +97,14 @@ def test_hf_to_neox_copies_tokenizer_and_yaml_points_at_it(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((back / "config.json").read_text())["pad_token_id"] == 1
     assert (back / "tokenizer.json").is_file()
+    # the source's generation_config.json was only derived from GPTNeoXConfig's defaults (eos 2):
+    # its ids follow the tokenizer (T16), its other values stay
+    src_gen = json.loads((src / "generation_config.json").read_text())
+    gen = json.loads((back / "generation_config.json").read_text())
+    assert src_gen["_from_model_config"] and src_gen["eos_token_id"] == 2
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (0, 0, 1)
+    assert {k: v for k, v in gen.items() if not k.endswith("token_id")} == \
+        {k: v for k, v in src_gen.items() if not k.endswith("token_id")}
 
 
 @pytest.mark.parametrize("bad", ["nonexistent/tok.json"])
@@ -132,7 +140,8 @@ def test_llama_to_neox_carries_tokenizer_model_to_the_hf_export(tmp_path):
     r = run("neox-to-hf", neox, hf)
     assert r.returncode == 0, r.stderr
     config = json.loads((hf / "config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf)
@@ -185,3 +194,16 @@ def test_hf_to_neox_refuses_a_tokenizer_larger_than_the_embedding(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"tokenizer has {n_tok} tokens, more than the model's 256 embedding rows" in r.stderr
     assert not out.exists()
+
+
+def test_neox_without_tokenizer_assumes_ids_out_loud(tmp_path):
+    """No tokenizer and no record: the ids of NeoX's standard tokenizers (20B: 0/0), with a warning."""
+    from neoxconv.convert import convert
+
+    ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
+    save = write_neox_checkpoint(tmp_path / "ckpt", ranks, dict(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                                                 rotary_pct=0.25, no_weight_tying=True))
+    res = convert(save, tmp_path / "hf", to="hf")
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (0, 0) and "pad_token_id" not in gen
+    assert any("no tokenizer found" in w and "assumed" in w for w in res["warnings"])

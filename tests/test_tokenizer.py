@@ -405,3 +405,100 @@ def test_tiktoken_is_not_copied_for_neox(tiktoken_file, neox_json, tmp_path):
     warnings.clear()
     keys = copy_tokenizer_for_neox(d, tmp_path / "out2", warnings=warnings)
     assert keys["tokenizer_type"] == "HFTokenizer" and keys["vocab_file"].endswith("tokenizer.json") and not warnings
+
+
+TEXT = ("Checkpoints move between GPT-NeoX and Hugging Face: 20B, 1.4b & 6.9b models, trained for 143000 steps.\n\n"
+        "  Leading spaces,\ttabs and    runs of spaces matter in code:\n    def f(x):\n        return x * 2\n"
+        "Unicode too: café, naïve, Straße, 東京, Ελληνικά, emoji 🙂 — and numbers 1234567890.")
+
+
+def tiktoken_ranks_from_bpe(path: Path) -> dict[bytes, int]:
+    """A real tiktoken rank file: the 256 bytes, then the tokens of a byte-level BPE trained here,
+    in merge order (how OpenAI's and Meta's files are built)."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    import codecs
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this  # the Zen of Python: real English text that ships with Python
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(CORPUS + codecs.decode(this.s, "rot13").splitlines(), trainers.BpeTrainer(
+        vocab_size=900, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    char_byte = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in json.loads(bpe.to_str())["model"]["merges"]:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        ranks.setdefault(bytes(char_byte[c] for c in left + right), len(ranks))
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
+
+
+def test_tiktoken_export_encodes_like_the_tiktoken_library(tmp_path):
+    """The HF export of a tiktoken file (TikTokenConverter) against tiktoken's own encoder on real text."""
+    from neoxconv.tokenizer import PROBE_TEXTS
+    from neoxconv.tokenizer.llama3 import llama3_special_tokens, tiktoken_encoding
+
+    d = tmp_path / "meta"
+    d.mkdir()
+    ranks = tiktoken_ranks_from_bpe(d / "tokenizer.model")
+    assert len(ranks) - 256 >= 300  # a few hundred merges
+    export_tokenizer(d / "tokenizer.model", tmp_path / "hf", embedding_rows=len(ranks) + 256, family="llama")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    enc = tiktoken_encoding(ranks, llama3_special_tokens())
+    for text in (TEXT, *SAMPLES, *CORPUS[:5], *PROBE_TEXTS):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == enc.encode(text, disallowed_special=()), text
+        assert tok.decode(ids) == enc.decode(ids) == text
+    assert len(tok(TEXT, add_special_tokens=False)["input_ids"]) < 0.75 * len(TEXT.encode())  # merges are used
+    assert tok("<|eot_id|> hi", add_special_tokens=False)["input_ids"][0] == enc.encode(
+        "<|eot_id|>", allowed_special="all")[0] == len(ranks) + 9
+
+
+@pytest.mark.parametrize("extra", ["tiktoken", "sentencepiece"])
+def test_missing_extra_is_named(extra, spm_model, tiktoken_file, tmp_path, monkeypatch):
+    """Without the optional extra a kind needs, a one-line error names the extra (no silent fallback)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, extra, None)  # what Python does for a module that cannot be imported
+    src, error = (tiktoken_file[0], TiktokenUnsupported) if extra == "tiktoken" else (spm_model, NeoxconvError)
+    with pytest.raises(error, match=rf"needs the '{extra}' extra .*pip install 'neoxconv\[{extra}\]'"):
+        export_tokenizer(src, tmp_path / "hf", embedding_rows=1024, family="llama")
+
+
+def test_hf_dir_settings_and_record(tmp_path):
+    """What an HF tokenizer directory records (tokenizer_config.json, special_tokens_map.json, named
+    chat templates, generation_config.json) survives the neoxconv record unchanged."""
+    from neoxconv.text_settings import GenerationSettings, TextSettings
+    from neoxconv.tokenizer import hf_dir_settings
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": {"content": "</s>", "special": True}, "add_bos_token": True, "padding_side": "left",
+        "chat_template": [{"name": "default", "template": "{{ x }}"}, {"name": "tool_use", "template": "{{ y }}"}],
+        "added_tokens_decoder": {"5": {"content": "<tool>", "special": False, "normalized": True}}}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "<ignored>"}))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "temperature": 0.6,
+                                                           "transformers_version": "4.40.0"}))
+    text = hf_dir_settings(d)
+    tok, gen = text.tokenizer, text.generation
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", None)
+    assert tok.chat_templates() == {"default": "{{ x }}", "tool_use": "{{ y }}"}
+    assert tok.option("add_bos_token") is True and tok.option("padding_side") == "left"
+    assert [(t.id, t.content, t.special, t.normalized) for t in tok.added_tokens] == [(5, "<tool>", False, True)]
+    assert gen.eos_ids == (2, 7) and gen.to_json() == {"temperature": 0.6, "eos_token_id": [2, 7]}
+    again = TextSettings.from_record(json.loads(json.dumps(text.to_record())), "record")
+    assert again == text
+    # an eos added to a generation config transformers derived from config.json makes it a choice,
+    # which the next conversion must not re-derive from the tokenizer
+    derived = GenerationSettings.from_json({"_from_model_config": True, "eos_token_id": 2, "use_cache": True})
+    chosen = derived.with_eos([5, 2])
+    assert derived.derived and not chosen.derived
+    assert chosen.to_json() == {"use_cache": True, "eos_token_id": [2, 5]}
+    with pytest.raises(NeoxconvError, match="record: not a neoxconv-text-settings record"):
+        TextSettings.from_record({"tokenizer": None}, "record")

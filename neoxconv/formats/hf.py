@@ -142,7 +142,9 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
 
     info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0, "hf_hidden_act": cfg.get("hidden_act"),
             "vocab_known": real_vocab is not None}
-    return Checkpoint(spec, TensorMap(metas, load), info)
+    from neoxconv.tokenizer.settings import hf_dir_settings
+
+    return Checkpoint(spec, TensorMap(metas, load), info, text=hf_dir_settings(path))
 
 
 def _order(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -215,10 +217,10 @@ def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, m
     import transformers
 
     dtype_name = str(out_dtype).removeprefix("torch.")
-    bos, eos = (0, 0) if spec.family == "gptneox" else (1, 2)
-    config.update({"bos_token_id": bos, "eos_token_id": eos, "dtype": dtype_name, "torch_dtype": dtype_name,
+    gen = ckpt.text.generation  # special-token ids: the checkpoint's generation settings, when known
+    config.update({**(gen.token_ids() if gen else {}), "dtype": dtype_name, "torch_dtype": dtype_name,
                    "transformers_version": transformers.__version__})
     write_json(out / "config.json", config)
-    write_json(out / "generation_config.json", {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos,
-                                                "transformers_version": transformers.__version__})
+    if gen is not None:
+        write_json(out / "generation_config.json", {**gen.to_json(), "transformers_version": transformers.__version__})
     return {"shards": n, "vocab_rows": rows, "spec": out_spec, "config": config}

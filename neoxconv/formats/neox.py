@@ -326,7 +326,9 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
     info["vocab_known"] = bool(tok) or bool(extra.get("vocab_known", "vocab_size" in extra))
     if extra.get("hf_hidden_act"):
         info["hf_hidden_act"] = extra["hf_hidden_act"]
-    return Checkpoint(spec, tensors, info)
+    from neoxconv.tokenizer.neox import recorded_settings
+
+    return Checkpoint(spec, tensors, info, text=recorded_settings(extra, nf.args, nf.tag_dir, nf.tag_dir / SIDECAR))
 
 
 def _tokenizer_size(nf: NeoxFiles) -> int | None:
