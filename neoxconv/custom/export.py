@@ -66,7 +66,10 @@ def config_json(config_dict: dict) -> dict:
 
 
 def write_custom_code(out_dir: str | Path, config_dict: dict) -> dict:
-    """Copy the two template files into ``out_dir`` and write its config.json; returns the config."""
+    """Copy the two template files into ``out_dir`` and write its config.json; returns the config.
+
+    A later ``model.save_pretrained(out_dir)`` rewrites config.json from the model's config, which
+    keeps the ``auto_map`` only if that config was built from this function's result."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = config_json(config_dict)

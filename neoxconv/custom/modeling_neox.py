@@ -22,6 +22,7 @@ Weights are unfused, with Hugging Face names: ``q_proj``/``k_proj``/``v_proj``/`
 ``lm_head`` (untied only). The exact semantics are in neoxconv's ``docs/custom-export.md``.
 """
 
+import inspect
 import math
 
 import torch
@@ -41,6 +42,10 @@ except ImportError:  # transformers 4.x
 __version__ = "1.0"
 if CUSTOM_CODE_VERSION != __version__:
     raise ImportError(f"configuration_neox.py is version {CUSTOM_CODE_VERSION}, modeling_neox.py {__version__}")
+
+
+# transformers < 4.46 has no generic prepare_inputs_for_generation (the mixin's raises).
+_OWN_PREPARE_INPUTS = "input_ids" not in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
 
 
 def _cache_key(output_class):
@@ -394,6 +399,14 @@ class NeoXCustomForCausalLM(NeoXCustomPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    if _OWN_PREPARE_INPUTS:
+
+        def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=None,
+                                          **kwargs):
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            return {"input_ids": input_ids[:, past:], "past_key_values": past_key_values,
+                    "attention_mask": attention_mask, "use_cache": use_cache}
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                 past_key_values=None, use_cache=None, labels=None, logits_to_keep=0, output_hidden_states=None,
