@@ -54,17 +54,22 @@ def ids(batch=2, tokens=20, vocab=64, seed=1):
 # --------------------------------------------------------------------------------------------
 
 
+GPTNEOX_RENAMES = (("gpt_neox.embed_in", "model.embed_tokens"), ("gpt_neox.final_layer_norm", "model.norm"),
+                   ("gpt_neox.layers", "model.layers"), ("embed_out", "lm_head"),
+                   ("attention.dense", "self_attn.o_proj"), ("mlp.dense_h_to_4h", "mlp.up_proj"),
+                   ("mlp.dense_4h_to_h", "mlp.down_proj"), ("attention.query_key_value", "self_attn"))
+
+
 def gptneox_to_custom(model) -> dict[str, torch.Tensor]:
     """HF GPTNeoX weights under the custom names: the fused QKV is [heads, 3, head_dim] per row."""
     n = model.config.num_attention_heads
     out = {}
     for name, t in model.state_dict().items():
-        new = (name.replace("gpt_neox.embed_in", "model.embed_tokens").replace("gpt_neox.final_layer_norm", "model.norm")
-               .replace("gpt_neox.layers", "model.layers").replace("embed_out", "lm_head")
-               .replace("attention.dense", "self_attn.o_proj").replace("mlp.dense_h_to_4h", "mlp.up_proj")
-               .replace("mlp.dense_4h_to_h", "mlp.down_proj"))
+        new = name
+        for old, replacement in GPTNEOX_RENAMES:
+            new = new.replace(old, replacement)
         if "query_key_value" in name:
-            prefix, kind = new.replace("attention.query_key_value", "self_attn").rsplit(".", 1)
+            prefix, kind = new.rsplit(".", 1)
             per_head = t.view(n, 3, -1, *t.shape[1:])
             for j, which in enumerate("qkv"):
                 out[f"{prefix}.{which}_proj.{kind}"] = per_head[:, j].reshape(-1, *t.shape[1:])
@@ -143,7 +148,8 @@ def test_features_without_a_stock_class_need_the_custom_export(overrides):
 GENERATION_CASES = {
     "rotary-partial": dict(position_embedding="rotary", rotary_pct=0.5),
     "alibi-gqa": dict(position_embedding="alibi", num_key_value_heads=2, norm="rmsnorm", activation="swiglu"),
-    "learned-offset": dict(position_embedding="learned", position_embedding_offset=2, position_embedding_multiplier=0.5),
+    "learned-offset": dict(position_embedding="learned", position_embedding_offset=2,
+                           position_embedding_multiplier=0.5),
     "sinusoidal": dict(position_embedding="sinusoidal", norm="scalenorm", norm_eps=1e-8),
     "none-parallel": dict(position_embedding="none", parallel_residual=True, norm="non_parametric_layernorm"),
     "window-local-qknorm": dict(position_embedding="alibi", attention_types=["local", "global"], local_block_size=4,
@@ -275,7 +281,8 @@ def test_norms_follow_neox():
     # NonParametricLayernorm: LayerNorm without weight or bias
     centred = x - x.mean(-1, keepdim=True)
     expected = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5)
-    torch.testing.assert_close(norm("non_parametric_layernorm", 1e-5), expected, rtol=0, atol=1e-5)  # ulps of the kernel
+    # the kernel vs this formula: ulps
+    torch.testing.assert_close(norm("non_parametric_layernorm", 1e-5), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(norm("layernorm", 1e-5, w, b), expected * w + b, rtol=0, atol=1e-5)
 
 

@@ -60,7 +60,7 @@ def config_json(config_dict: dict) -> dict:
     """config.json's content: every NeoX field explicit (not only those that differ from the
     defaults), the HF fields that differ from theirs, and the auto_map."""
     cfg = custom_config({**config_dict, "auto_map": AUTO_MAP, "architectures": [ARCHITECTURE]})
-    fields = [name for name in inspect.signature(NeoXCustomConfig.__init__).parameters if name not in ("self", "kwargs")]
+    fields = [n for n in inspect.signature(NeoXCustomConfig.__init__).parameters if n not in ("self", "kwargs")]
     content = {**cfg.to_diff_dict(), **{name: getattr(cfg, name) for name in fields}}
     return json.loads(json.dumps(content))
 
@@ -121,13 +121,15 @@ def neox_features(config_dict: dict) -> list[str]:
     norm = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "scalenorm": "ScaleNorm",
             "non_parametric_layernorm": "non-parametric LayerNorm"}[c.norm]
     if c.norm == "rmsnorm":
-        norm += " (eps inside the square root)" if c.rmsnorm_eps_inside_sqrt else " (eps added to the RMS, NeoX before 2025-05)"
+        norm += (" (eps inside the square root)" if c.rmsnorm_eps_inside_sqrt
+                 else " (eps added to the RMS, NeoX before 2025-05)")
     pos = {"rotary": f"rotary on {c.rotary_dims} of {c.head_dim} dims per head (base {c.rotary_base:g})",
            "alibi": "ALiBi", "learned": f"learned position embeddings ({c.max_position_embeddings} rows)",
            "sinusoidal": "sinusoidal position embeddings", "none": "no position embeddings"}[c.position_embedding]
     act = c.activation
     if act == "gelu":
-        act += {"erf": " (exact erf)", "tanh": " (tanh approximation, bias_gelu_fusion)", "erf_onnx": " (onnx_safe erf)"}[c.gelu_variant]
+        act += {"erf": " (exact erf)", "tanh": " (tanh approximation, bias_gelu_fusion)",
+                "erf_onnx": " (onnx_safe erf)"}[c.gelu_variant]
     heads = (f"multi-head attention, {c.num_attention_heads} heads" if c.num_key_value_heads == c.num_attention_heads
              else f"grouped-query attention, {c.num_attention_heads} query / {c.num_key_value_heads} key-value heads")
     features = [
@@ -135,8 +137,8 @@ def neox_features(config_dict: dict) -> list[str]:
         f"positions: {pos}",
         f"MLP: {act}{' (gated)' if c.gated else ''}, width {c.intermediate_size}",
         f"biases: attention {'yes' if c.attention_bias else 'no'}, MLP {'yes' if c.mlp_bias else 'no'}",
-        "residual: " + ("sequential" if not c.parallel_residual else
-                        "parallel (GPT-J)" + (", one norm shared (gpt_j_tied)" if c.parallel_norms_tied else ", two norms")),
+        "residual: " + ("sequential" if not c.parallel_residual else "parallel (GPT-J)"
+                        + (", one norm shared (gpt_j_tied)" if c.parallel_norms_tied else ", two norms")),
         heads,
         f"word embeddings: {'tied to' if c.tie_word_embeddings else 'separate from'} the output layer",
     ]

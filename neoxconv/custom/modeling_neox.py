@@ -164,7 +164,8 @@ class NeoXNorm(nn.Module):
     def _normalize(self, x, weight, bias):
         if self.kind in ("layernorm", "non_parametric_layernorm"):
             if weight is not None and weight.dim() == 2:  # one LayerNorm per group, as each TP rank does
-                parts = [F.layer_norm(x[..., g, :], x.shape[-1:], weight[g], bias[g], self.eps) for g in range(weight.shape[0])]
+                groups = range(weight.shape[0])
+                parts = [F.layer_norm(x[..., g, :], x.shape[-1:], weight[g], bias[g], self.eps) for g in groups]
                 return torch.stack(parts, dim=-2)
             return F.layer_norm(x, x.shape[-1:], weight, bias, self.eps)
         if self.kind == "rmsnorm":
@@ -190,7 +191,8 @@ class NeoXAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.local = config.attention_types[layer_idx] == "local"
         self.scaling = self.head_dim**-0.5
         h, bias = config.hidden_size, config.attention_bias
@@ -346,7 +348,8 @@ class NeoXCustomModel(NeoXCustomPreTrainedModel):
             pos = torch.arange(keys, device=device).expand(batch, keys)
             return pos, torch.ones(batch, keys, dtype=torch.bool, device=device)
         if attention_mask.dim() != 2 or attention_mask.shape[-1] != keys:
-            raise ValueError(f"attention_mask must be 2D [batch, {keys}] (cached + new tokens), got {tuple(attention_mask.shape)}")
+            shape = tuple(attention_mask.shape)
+            raise ValueError(f"attention_mask must be 2D [batch, {keys}] (cached + new tokens), got {shape}")
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0), attention_mask.bool()
 
     def _add_positions(self, x, position_ids):
@@ -385,7 +388,8 @@ class NeoXCustomForCausalLM(NeoXCustomPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = NeoXCustomModel(config)
         # Tied: logits use the input embedding matrix directly (no second parameter to tie).
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        untied = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else untied
         self.post_init()
 
     def get_input_embeddings(self):
