@@ -158,15 +158,15 @@ def test_verify_pass_cli(tmp_path):
 
 def _sum_row_biases_twice(monkeypatch):
     """Inject a real conversion bug (issue #962 style): row biases summed twice on merge."""
-    import neoxconv.formats.neox as neox
+    from neoxconv.roles import RowParallelBias
 
-    real = neox.merge
+    real = RowParallelBias.merge
 
-    def wrong(parts, role, parallel_residual):
-        out = real(parts, role, parallel_residual)
-        return out * 2 if role == "row_bias" and parallel_residual else out
+    def wrong(self, parts, ctx):
+        out = real(self, parts, ctx)
+        return tuple(x * 2 for x in out) if ctx.parallel_residual else out
 
-    monkeypatch.setattr(neox, "merge", wrong)
+    monkeypatch.setattr(RowParallelBias, "merge", wrong)
 
 
 def run_in_process(capsys, *args) -> tuple[int, str]:
