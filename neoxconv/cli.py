@@ -4,14 +4,14 @@ inside the commands so `neoxconv --help` stays fast."""
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from neoxconv import archs
+from neoxconv.choices import (ComputeDtype, Family, MetaStyle, NeoxLayout, NeoxSchema, Optimizer, OutDtype, QkvLayout,
+                              Replicated, Target, value_of)
 
 app = typer.Typer(
     help="Convert GPT-NeoX checkpoints to and from Hugging Face and Meta Llama at any tensor-parallel "
@@ -24,68 +24,7 @@ console = Console(stderr=True)
 out_console = Console()
 _state = {"debug": False}
 
-
-
-# Choice options: typer lists the values in --help and refuses others as a usage error (exit 2).
-# The library takes the plain strings (`.value`); tests/test_cli.py checks each set against it.
-class Target(str, Enum):
-    neox = "neox"
-    hf = "hf"
-    meta = "meta"
-
-
-class NeoxLayout(str, Enum):
-    pipeline = "pipeline"
-    sequential = "sequential"
-
-
-class NeoxSchema(str, Enum):
-    current = "current"
-    legacy = "legacy"
-
-
-class OutDtype(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class ComputeDtype(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class QkvLayout(str, Enum):
-    mha_interleaved = "mha_interleaved"
-    gqa_blocked = "gqa_blocked"
-    gqa_fakehead = "gqa_fakehead"
-
-
-class MetaStyle(str, Enum):
-    llama3 = "llama3"
-    llama2 = "llama2"
-
-
-class Replicated(str, Enum):
-    own = "own"
-    mean = "mean"
-
-
-class Optimizer(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-# Model families come from the registry, so a new family appears here by itself.
-Family = Enum("Family", {"auto": "auto", **{f: f for f in archs.FAMILIES}}, type=str)
-
-
-def _value(choice: Enum | None) -> str | None:
-    return None if choice is None else choice.value
-
-
+# Choice options take the Enums of neoxconv.choices; commands pass `.value` to the library.
 DtypeOpt = Annotated[OutDtype, typer.Option("--dtype", help="Output dtype (auto: keep the source's).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
 ArchOpt = Annotated[Family, typer.Option("--arch", help="Model family (auto: from the source).")]
@@ -136,7 +75,7 @@ def _root(
     _state["debug"] = debug
 
 
-def _family(arch: Enum) -> str | None:
+def _family(arch: Family) -> str | None:
     return None if arch.value == "auto" else arch.value
 
 
@@ -219,7 +158,7 @@ def neox_to_hf(
     from neoxconv.io import parse_size
 
     _run_conversion(ckpt, out, "hf", trust_pickle, src_format="neox", config_files=config, family=_family(arch),
-                    qkv_layout=_value(qkv_layout), force=force, dtype=dtype.value,
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value,
                     max_shard_size=parse_size(max_shard_size),
                     trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, verify=verify)
     if push_to_hub:
@@ -247,7 +186,7 @@ def hf_to_neox(
 ) -> None:
     """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP (the tokenizer is copied beside it)."""
     _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch),
-                    qkv_layout=_value(qkv_layout), force=force, dtype=dtype.value, tp=tp, pp=pp, layout=layout.value,
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tp=tp, pp=pp, layout=layout.value,
                     schema=neox_schema.value,
                     vocab_multiple=vocab_multiple, tokenizer=tokenizer, verify=verify)
 
@@ -269,7 +208,7 @@ def llama_to_neox(
     verify: VerifyOpt = False,
 ) -> None:
     """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
-    _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=_value(qkv_layout), force=force,
+    _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=value_of(qkv_layout), force=force,
                     dtype=dtype.value, tp=tp, pp=pp, layout=layout.value, schema=neox_schema.value,
                     vocab_multiple=vocab_multiple,
                     tokenizer=tokenizer, verify=verify)
@@ -312,9 +251,9 @@ def convert_cmd(
     elif to is Target.hf:
         opts = dict(max_shard_size=parse_size(max_shard_size), trim_vocab_padding=trim_vocab_padding)
     else:
-        opts = dict(shards=tp, style=_value(meta_style))
+        opts = dict(shards=tp, style=value_of(meta_style))
     _run_conversion(src, out, to.value, trust_pickle, config_files=config, family=_family(arch),
-                    qkv_layout=_value(qkv_layout), force=force, dtype=dtype.value, tokenizer=tokenizer, verify=verify,
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tokenizer=tokenizer, verify=verify,
                     **opts)
 
 
@@ -359,7 +298,7 @@ def parity_cmd(
     set_trust_pickle(trust_pickle)
     report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype.value, device=device,
                         atol=atol, rtol=rtol, config_files=config, config_files_b=config_b, arch=_family(arch),
-                        qkv_layout=_value(qkv_layout), qkv_layout_b=_value(qkv_layout_b), replicated=replicated.value)
+                        qkv_layout=value_of(qkv_layout), qkv_layout_b=value_of(qkv_layout_b), replicated=replicated.value)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the report; rank 0 speaks
@@ -405,7 +344,7 @@ def train_check_cmd(
 
     opts = TrainCheckOptions(ckpt=ckpt, hf=hf, steps=steps, lr=lr, optimizer=optimizer.value,
                              weight_decay=weight_decay, batch=batch, tokens=tokens, seed=seed, dtype=dtype.value,
-                             device=device, save=save, config_files=tuple(config or ()), qkv_layout=_value(qkv_layout),
+                             device=device, save=save, config_files=tuple(config or ()), qkv_layout=value_of(qkv_layout),
                              trust_pickle=trust_pickle)
     to_stdout = json_out is not None and str(json_out) == "-"
     cli_main(opts, json_out, console if to_stdout else out_console)

@@ -31,8 +31,8 @@ class Entry:
 
     def at(self, i: int | str) -> "Entry":
         """The entry of layer i (`{i}` filled in)."""
-        fill = lambda s: s.replace("{i}", str(i))  # noqa: E731
-        return Entry(fill(self.name), tuple(fill(c) for c in self.canonical), self.role)
+        i = str(i)
+        return Entry(self.name.replace("{i}", i), tuple(c.replace("{i}", i) for c in self.canonical), self.role)
 
 
 def entries(*rows: tuple) -> tuple[Entry, ...]:

@@ -199,19 +199,19 @@ def test_help_lists_the_choices():
 
 def test_choices_are_the_library_s():
     """The CLI's sets are the ones the library accepts (it takes the plain strings)."""
-    from neoxconv import archs, cli, convert, fusing, graph
+    from neoxconv import archs, choices, convert, fusing, graph
     from neoxconv.formats import meta_llama, neox_files, neox_write
     from neoxconv.reference import parity, train_check
 
     def values(e) -> list[str]:
         return [m.value for m in e]
 
-    assert values(cli.Target) == list(graph.FORMATS)
-    assert values(cli.NeoxLayout) == list(neox_write.LAYOUTS)
-    assert values(cli.NeoxSchema) == list(neox_files.SCHEMAS)
-    assert values(cli.QkvLayout) == list(fusing.QKV_LAYOUTS)
-    assert values(cli.MetaStyle) == list(meta_llama.STYLES)
-    assert values(cli.Family) == ["auto", *archs.FAMILIES]
-    assert values(cli.Optimizer) == list(train_check.OPTIMIZERS)
-    assert set(values(cli.OutDtype)) <= set(convert.DTYPES)
-    assert {parity.canonical_dtype(d) for d in values(cli.ComputeDtype)} == {"float32", "float16", "bfloat16"}
+    assert values(choices.Target) == list(graph.FORMATS)
+    assert values(choices.NeoxLayout) == list(neox_write.LAYOUTS)
+    assert values(choices.NeoxSchema) == list(neox_files.SCHEMAS)
+    assert values(choices.QkvLayout) == list(fusing.QKV_LAYOUTS)
+    assert values(choices.MetaStyle) == list(meta_llama.STYLES)
+    assert values(choices.Family) == ["auto", *archs.FAMILIES]
+    assert values(choices.Optimizer) == list(train_check.OPTIMIZERS)
+    assert set(values(choices.OutDtype)) <= set(convert.DTYPES)
+    assert {parity.canonical_dtype(d) for d in values(choices.ComputeDtype)} == {"float32", "float16", "bfloat16"}

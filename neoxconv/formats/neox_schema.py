@@ -26,15 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from neoxconv import archs
-from neoxconv.roles import GATED_MLP, Context, FusedQKV
+from neoxconv.roles import GATED_MLP, Context, FusedQKV, Role
 from neoxconv.table import Entry, merge_group, with_roles
 
 ROTARY_BUFFER = "attention.rotary_emb.inv_freq"
-
-
-def holds_no_weights(stored: str) -> bool:
-    """The rotary buffer (recomputed from the config) and Transformer Engine state."""
-    return stored == ROTARY_BUFFER or stored.endswith("._extra_state")
 
 # The order a layer's canonical tensors are handed out in. It is the tensor order of HF exports
 # (kept from 0.1.0: changing it changes exported files, not numbers).
@@ -52,13 +47,19 @@ MLP = {
 }
 
 
+def holds_no_weights(stored: str) -> bool:
+    """The rotary buffer (recomputed from the config) and Transformer Engine state."""
+    return stored == ROTARY_BUFFER or stored.endswith("._extra_state")
+
+
 def _norm(stored: str, canonical: str, norm: str) -> list[Entry]:
     if norm == "rmsnorm":  # RMSNorm has no bias and calls its weight `scale`
         return [Entry(f"{stored}.scale", (f"{canonical}.weight",))]
     return [Entry(f"{stored}.{p}", (f"{canonical}.{p}",)) for p in ("weight", "bias")]
 
 
-def _linear(stored: str, canonical: tuple[str, ...], fused=None) -> list[Entry]:
+def _linear(stored: str, canonical: tuple[str, ...], fused: Role | None = None) -> list[Entry]:
+    """Weight and bias of a linear layer of layer {i}; `fused` when it holds several tensors."""
     return [Entry(f"{stored}.{p}", tuple(f"layers.{{i}}.{c}.{p}" for c in canonical), fused) for p in ("weight", "bias")]
 
 

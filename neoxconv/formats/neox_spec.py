@@ -1,7 +1,9 @@
 """A NeoX checkpoint's config and tensor shapes -> ModelSpec (shapes win, T10).
 
-Also the two NeoX config facts a reader needs beyond the spec: the per-layer attention types
-and the sliding window as Hugging Face counts it.
+Also the NeoX config facts a reader needs beyond the spec: the per-layer attention types, the
+sliding window as Hugging Face counts it, and the real vocabulary from the tokenizer. The HF
+family, which NeoX does not record, is the first registered one that holds the model
+(archs.family_for), unless neoxconv.json or --arch names it.
 """
 
 from __future__ import annotations
@@ -136,8 +138,6 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
         dtype=str(emb[0]["word_embeddings.weight"].dtype).removeprefix("torch."),
     )
     return spec, schema, layout
-
-
 
 
 def tokenizer_size(nf: NeoxFiles) -> int | None:
