@@ -50,10 +50,10 @@ from pathlib import Path
 
 import torch
 
+from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import NeoxconvError
 from neoxconv.io import load_pickle, owned, read_json, save_pickle, write_json
-from neoxconv import archs
 from neoxconv.roles import ROW, Context, resize_vocab
 from neoxconv.spec import ModelSpec
 from neoxconv.table import Entry, entries, merge_group, split_group, with_roles
@@ -159,7 +159,8 @@ def _load_shards(files: list[Path]) -> list[dict[str, torch.Tensor]]:
 
 
 def _check_names(files: list[Path], keys: set[str], n_layers: int) -> None:
-    expected = {e.name for e in EMBED_NAMES + FINAL_NAMES} | {e.at(i).name for i in range(n_layers) for e in LAYER_NAMES}
+    expected = {e.name for e in EMBED_NAMES + FINAL_NAMES}
+    expected |= {e.at(i).name for i in range(n_layers) for e in LAYER_NAMES}
     missing, extra = expected - keys, keys - expected
     if missing:
         raise NeoxconvError(f"{files[0]}: missing tensor {sorted(missing)[0]} (params.json says {n_layers} layers)")

@@ -6,6 +6,9 @@
 - neox_read:   read_neox, one layer at a time
 - neox_write:  write_neox at any TP/PP, both layouts
 - neox_config: the YAML (read and written)
+
+`rank_to_layer` (one rank's canonical pieces, not merged) is what train-check gathers
+gradients with.
 """
 
 from neoxconv.formats.neox_read import read_neox
