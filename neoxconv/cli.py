@@ -10,6 +10,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from neoxconv.choices import (ComputeDtype, Family, MetaStyle, NeoxLayout, NeoxSchema, Optimizer, OutDtype, QkvLayout,
+                              Replicated, Target, value_of)
+
 app = typer.Typer(
     help="Convert GPT-NeoX checkpoints to and from Hugging Face and Meta Llama at any tensor-parallel "
          "degree, and prove each conversion numerically.",
@@ -21,12 +24,13 @@ console = Console(stderr=True)
 out_console = Console()
 _state = {"debug": False}
 
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: auto (keep the source's), fp32, fp16 or bf16.")]
+# Choice options take the Enums of neoxconv.choices; commands pass `.value` to the library.
+DtypeOpt = Annotated[OutDtype, typer.Option("--dtype", help="Output dtype (auto: keep the source's).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
-ArchOpt = Annotated[str, typer.Option("--arch", help="Model family: auto, gptneox, llama or mistral.")]
+ArchOpt = Annotated[Family, typer.Option("--arch", help="Model family (auto: from the source).")]
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option(
     "--config", help="NeoX YAML file(s); default: every YAML in the checkpoint's configs/ folder. Repeatable.")]
-QkvOpt = Annotated[Optional[str], typer.Option(
+QkvOpt = Annotated[Optional[QkvLayout], typer.Option(
     "--qkv-layout", help="NeoX fused-QKV layout for GQA models: gqa_blocked (NeoX since 2024-11, default) "
                          "or gqa_fakehead (NeoX 2024-02..2024-11). MHA models are always interleaved.")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
@@ -48,9 +52,9 @@ VerifyOpt = Annotated[bool, typer.Option(
 TpOpt = Annotated[int, typer.Option("--tp", help="Tensor-parallel degree to shard for (convert --to meta: number of "
                                                  "model-parallel shards).")]
 PpOpt = Annotated[int, typer.Option("--pp", help="Pipeline-parallel degree (pipeline layout only).")]
-LayoutOpt = Annotated[str, typer.Option(
+LayoutOpt = Annotated[NeoxLayout, typer.Option(
     "--layout", help="NeoX on-disk layout: pipeline (layer_XX files) or sequential (mp_rank_XX files).")]
-SchemaOpt = Annotated[str, typer.Option(
+SchemaOpt = Annotated[NeoxSchema, typer.Option(
     "--neox-schema", help="NeoX tensor names: current (mlp.linear1/linear2) or legacy (dense_h_to_4h / w1-w3 and "
                           "inv_freq buffers, for NeoX before 2024-09).")]
 VocabMultipleOpt = Annotated[int, typer.Option(
@@ -78,8 +82,8 @@ def _root(
     _state["debug"] = debug
 
 
-def _family(arch: str) -> str | None:
-    return None if arch == "auto" else arch
+def _family(arch: Family) -> str | None:
+    return None if arch.value == "auto" else arch.value
 
 
 def _progress(total: int, what: str):
@@ -142,8 +146,8 @@ def neox_to_hf(
     ckpt: Annotated[Path, typer.Argument(help="NeoX save dir (with `latest`) or a global_stepN dir.")],
     out: Annotated[Path, typer.Argument(help="Output Hugging Face model directory (created).")],
     config: ConfigOpt = None,
-    arch: ArchOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    arch: ArchOpt = Family.auto,
+    dtype: DtypeOpt = OutDtype.auto,
     max_shard_size: MaxShardOpt = "5GB",
     trim_vocab_padding: TrimOpt = False,
     qkv_layout: QkvOpt = None,
@@ -163,7 +167,8 @@ def neox_to_hf(
     from neoxconv.io import parse_size
 
     _run_conversion(ckpt, out, "hf", trust_pickle, src_format="neox", config_files=config, family=_family(arch),
-                    qkv_layout=qkv_layout, force=force, dtype=dtype, max_shard_size=parse_size(max_shard_size),
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value,
+                    max_shard_size=parse_size(max_shard_size),
                     trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, chat_template=chat_template,
                     eos_tokens=eos_token or [], verify=verify)
     if push_to_hub:
@@ -178,11 +183,11 @@ def hf_to_neox(
     out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
     tp: TpOpt = 1,
     pp: PpOpt = 1,
-    layout: LayoutOpt = "pipeline",
-    neox_schema: SchemaOpt = "current",
-    dtype: DtypeOpt = "auto",
+    layout: LayoutOpt = NeoxLayout.pipeline,
+    neox_schema: SchemaOpt = NeoxSchema.current,
+    dtype: DtypeOpt = OutDtype.auto,
     vocab_multiple: VocabMultipleOpt = 128,
-    arch: ArchOpt = "auto",
+    arch: ArchOpt = Family.auto,
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
@@ -192,8 +197,9 @@ def hf_to_neox(
     verify: VerifyOpt = False,
 ) -> None:
     """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP (the tokenizer is copied beside it)."""
-    _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch), qkv_layout=qkv_layout,
-                    force=force, dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema,
+    _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch),
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tp=tp, pp=pp, layout=layout.value,
+                    schema=neox_schema.value,
                     vocab_multiple=vocab_multiple, tokenizer=tokenizer, chat_template=chat_template,
                     eos_tokens=eos_token or [], verify=verify)
 
@@ -204,9 +210,9 @@ def llama_to_neox(
     out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
     tp: TpOpt = 1,
     pp: PpOpt = 1,
-    layout: LayoutOpt = "pipeline",
-    neox_schema: SchemaOpt = "current",
-    dtype: DtypeOpt = "auto",
+    layout: LayoutOpt = NeoxLayout.pipeline,
+    neox_schema: SchemaOpt = NeoxSchema.current,
+    dtype: DtypeOpt = OutDtype.auto,
     vocab_multiple: VocabMultipleOpt = 128,
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
@@ -217,8 +223,9 @@ def llama_to_neox(
     verify: VerifyOpt = False,
 ) -> None:
     """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
-    _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=qkv_layout, force=force,
-                    dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple,
+    _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=value_of(qkv_layout), force=force,
+                    dtype=dtype.value, tp=tp, pp=pp, layout=layout.value, schema=neox_schema.value,
+                    vocab_multiple=vocab_multiple,
                     tokenizer=tokenizer, chat_template=chat_template,
                     eos_tokens=eos_token or [], verify=verify)
 
@@ -227,22 +234,22 @@ def llama_to_neox(
 def convert_cmd(
     src: Annotated[Path, typer.Argument(help="Any supported checkpoint (format auto-detected).")],
     out: Annotated[Path, typer.Argument(help="Output directory (created).")],
-    to: Annotated[str, typer.Option("--to", help="Target format: neox, hf or meta.")],
+    to: Annotated[Target, typer.Option("--to", help="Target format.")],
     tp: TpOpt = 1,
     pp: PpOpt = 1,
-    layout: LayoutOpt = "pipeline",
-    neox_schema: SchemaOpt = "current",
+    layout: LayoutOpt = NeoxLayout.pipeline,
+    neox_schema: SchemaOpt = NeoxSchema.current,
     vocab_multiple: VocabMultipleOpt = 128,
     config: ConfigOpt = None,
-    arch: ArchOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    arch: ArchOpt = Family.auto,
+    dtype: DtypeOpt = OutDtype.auto,
     max_shard_size: MaxShardOpt = "5GB",
     trim_vocab_padding: TrimOpt = False,
     qkv_layout: QkvOpt = None,
-    out_qkv_layout: Annotated[Optional[str], typer.Option(
+    out_qkv_layout: Annotated[Optional[QkvLayout], typer.Option(
         "--out-qkv-layout", help="NeoX → NeoX only: QKV layout to write when it differs from the source's "
                                  "(e.g. migrate a gqa_fakehead checkpoint of 2024 to gqa_blocked).")] = None,
-    meta_style: Annotated[Optional[str], typer.Option(
+    meta_style: Annotated[Optional[MetaStyle], typer.Option(
         "--meta-style", help="--to meta: llama3 (embedding split on the vocab, default) or llama2 (split on the "
                              "hidden dim, params.json keys Llama 1/2 code accepts). Default: the source's, if Meta.")] = None,
     tokenizer: TokenizerOpt = None,
@@ -253,22 +260,20 @@ def convert_cmd(
     verify: VerifyOpt = False,
 ) -> None:
     """Convert any supported checkpoint to any target, including NeoX → NeoX resharding."""
-    from neoxconv.errors import NeoxconvError
     from neoxconv.io import parse_size
 
-    if to == "neox":
-        opts = dict(tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple)
+    if to is Target.neox:
+        opts = dict(tp=tp, pp=pp, layout=layout.value, schema=neox_schema.value, vocab_multiple=vocab_multiple)
         if out_qkv_layout:
-            opts["out_qkv_layout"] = out_qkv_layout
-    elif to == "hf":
+            opts["out_qkv_layout"] = out_qkv_layout.value
+    elif to is Target.hf:
         opts = dict(max_shard_size=parse_size(max_shard_size), trim_vocab_padding=trim_vocab_padding)
-    elif to == "meta":
-        opts = dict(shards=tp, style=meta_style)
     else:
-        raise NeoxconvError(f"unknown --to {to!r} (use neox, hf or meta)")
-    _run_conversion(src, out, to, trust_pickle, config_files=config, family=_family(arch), qkv_layout=qkv_layout,
-                    force=force, dtype=dtype, tokenizer=tokenizer, chat_template=chat_template,
-                    eos_tokens=eos_token or [], verify=verify, **opts)
+        opts = dict(shards=tp, style=value_of(meta_style))
+    _run_conversion(src, out, to.value, trust_pickle, config_files=config, family=_family(arch),
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify,
+                    **opts)
 
 
 @app.command("parity")
@@ -280,7 +285,8 @@ def parity_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random token ids.")] = 0,
     text: Annotated[Optional[str], typer.Option(
         "--text", help="Compare on this text (tokenized with A's or B's tokenizer) instead of random ids.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype of both forwards: fp32 (the proof), fp16 or bf16.")] = "fp32",
+    dtype: Annotated[ComputeDtype, typer.Option(
+        "--dtype", help="Compute dtype of both forwards (fp32: the proof).")] = ComputeDtype.fp32,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda[:N].")] = "cpu",
     atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default: per dtype).")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default: per dtype).")] = None,
@@ -289,15 +295,15 @@ def parity_cmd(
     config: ConfigOpt = None,
     config_b: Annotated[Optional[list[Path]], typer.Option(
         "--config-b", help="NeoX YAML file(s) for B (--config is for A). Repeatable.")] = None,
-    arch: ArchOpt = "auto",
-    qkv_layout: Annotated[Optional[str], typer.Option(
+    arch: ArchOpt = Family.auto,
+    qkv_layout: Annotated[Optional[QkvLayout], typer.Option(
         "--qkv-layout", help="Fused-QKV layout of A if A is a GQA NeoX checkpoint: gqa_blocked or gqa_fakehead "
                              "(default: the layout neoxconv recorded in its neoxconv.json, else gqa_blocked).")] = None,
-    qkv_layout_b: Annotated[Optional[str], typer.Option(
+    qkv_layout_b: Annotated[Optional[QkvLayout], typer.Option(
         "--qkv-layout-b", help="The same for B (--qkv-layout is for A only; e.g. a layout migration).")] = None,
-    replicated: Annotated[str, typer.Option(
+    replicated: Annotated[Replicated, typer.Option(
         "--replicated", help="NeoX norm copies that differ across TP ranks: own (each rank its own, as NeoX "
-                             "computes) or mean (what an HF export holds).")] = "own",
+                             "computes) or mean (what an HF export holds).")] = Replicated.own,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Compare the logits of two checkpoints (any formats) on one token batch; exit 0 pass, 1 fail, 2 bad input."""
@@ -309,9 +315,9 @@ def parity_cmd(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     set_trust_pickle(trust_pickle)
-    report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype, device=device,
+    report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype.value, device=device,
                         atol=atol, rtol=rtol, config_files=config, config_files_b=config_b, arch=_family(arch),
-                        qkv_layout=qkv_layout, qkv_layout_b=qkv_layout_b, replicated=replicated)
+                        qkv_layout=value_of(qkv_layout), qkv_layout_b=value_of(qkv_layout_b), replicated=replicated.value)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the report; rank 0 speaks
@@ -333,12 +339,14 @@ def train_check_cmd(
         "--hf", help="HF model to compare with (default: the checkpoint converted by neoxconv into a temp dir).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Training steps on both sides.")] = 1,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-3,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adamw (torch.optim, same on both sides).")] = "sgd",
+    optimizer: Annotated[Optimizer, typer.Option(
+        "--optimizer", help="torch.optim optimizer, the same on both sides.")] = Optimizer.sgd,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay of the optimizer.")] = 0.0,
     batch: Annotated[int, typer.Option("--batch", help="Sequences per step.")] = 2,
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens per sequence (next-token loss on tokens-1).")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random token batches (step k uses seed+k-1).")] = 0,
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype of both sides: fp32 (the proof), fp16 or bf16.")] = "fp32",
+    dtype: Annotated[ComputeDtype, typer.Option(
+        "--dtype", help="Compute dtype of both sides (fp32: the proof).")] = ComputeDtype.fp32,
     device: Annotated[str, typer.Option("--device", help="cpu (gloo) or cuda (NCCL, one GPU per TP rank).")] = "cpu",
     save: Annotated[Optional[Path], typer.Option(
         "--save", help="Write the updated weights as a NeoX checkpoint (same TP and layout) here, if the check passes.")] = None,
@@ -353,9 +361,10 @@ def train_check_cmd(
     Runs its own local processes, or joins a torchrun launch. See docs/training.md."""
     from neoxconv.reference.train_check import TrainCheckOptions, cli_main
 
-    opts = TrainCheckOptions(ckpt=ckpt, hf=hf, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                             batch=batch, tokens=tokens, seed=seed, dtype=dtype, device=device, save=save,
-                             config_files=tuple(config or ()), qkv_layout=qkv_layout, trust_pickle=trust_pickle)
+    opts = TrainCheckOptions(ckpt=ckpt, hf=hf, steps=steps, lr=lr, optimizer=optimizer.value,
+                             weight_decay=weight_decay, batch=batch, tokens=tokens, seed=seed, dtype=dtype.value,
+                             device=device, save=save, config_files=tuple(config or ()), qkv_layout=value_of(qkv_layout),
+                             trust_pickle=trust_pickle)
     to_stdout = json_out is not None and str(json_out) == "-"
     cli_main(opts, json_out, console if to_stdout else out_console)
 

@@ -48,10 +48,8 @@ def read(path: Path, *, fmt: str | None = None, config_files: list[Path] | None 
 
         return read_hf(path, family=family)
     if fmt == "meta":
-        try:
-            from neoxconv.formats.meta_llama import read_meta
-        except ImportError:
-            raise NeoxconvError(f"{path}: reading Meta Llama checkpoints is not available in this version") from None
+        from neoxconv.formats.meta_llama import read_meta
+
         return read_meta(path, family=family)
     raise NeoxconvError(f"unknown source format {fmt!r}")
 
@@ -66,9 +64,7 @@ def write(ckpt: Checkpoint, fmt: str, out: Path, progress: Callable[[str], None]
 
         return write_hf(ckpt, out, progress=progress, **opts)
     if fmt == "meta":
-        try:
-            from neoxconv.formats.meta_llama import write_meta
-        except ImportError:
-            raise NeoxconvError("writing Meta Llama checkpoints is not available in this version") from None
+        from neoxconv.formats.meta_llama import write_meta
+
         return write_meta(ckpt, out, progress=progress, **opts)
     raise NeoxconvError(f"unknown target format {fmt!r} (known: {', '.join(FORMATS)})")

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from neoxconv.errors import NeoxconvError
 
-FAMILIES = ("gptneox", "llama", "mistral")
 NORMS = ("layernorm", "rmsnorm")
 # gelu: exact erf GELU. gelu_tanh: the tanh approximation (NeoX `bias_gelu_fusion`).
 # silu: SwiGLU, a gated MLP act(gate) * up.
@@ -43,6 +42,8 @@ class ModelSpec:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        from neoxconv.archs import FAMILIES  # the registry (no torch, no cycle)
+
         if self.family not in FAMILIES:
             raise NeoxconvError(f"unknown model family {self.family!r} (known: {', '.join(FAMILIES)})")
         if self.norm not in NORMS:

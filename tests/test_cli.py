@@ -149,3 +149,69 @@ def test_version():
 
     r = run("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"neoxconv {__version__}"
+
+
+# Every choice option is an Enum: --help lists the values, typer refuses others as a usage
+# error (exit 2, usage text) before any work starts. In-process: parsing needs no subprocess.
+BAD_CHOICES = [
+    (["convert", "SRC", "OUT", "--to", "safetensors"], "--to"),
+    (["convert", "SRC", "OUT", "--to", "neox", "--layout", "diagonal"], "--layout"),
+    (["hf-to-neox", "SRC", "OUT", "--neox-schema", "v2"], "--neox-schema"),
+    (["hf-to-neox", "SRC", "OUT", "--dtype", "fp8"], "--dtype"),
+    (["neox-to-hf", "SRC", "OUT", "--arch", "qwen2"], "--arch"),
+    (["llama-to-neox", "SRC", "OUT", "--qkv-layout", "blocked"], "--qkv-layout"),
+    (["convert", "SRC", "OUT", "--to", "neox", "--out-qkv-layout", "fakehead"], "--out-qkv-layout"),
+    (["convert", "SRC", "OUT", "--to", "meta", "--meta-style", "llama4"], "--meta-style"),
+    (["parity", "A", "B", "--dtype", "auto"], "--dtype"),  # auto is a conversion choice only
+    (["parity", "A", "B", "--replicated", "rank0"], "--replicated"),
+    (["parity", "A", "B", "--qkv-layout-b", "gqa"], "--qkv-layout-b"),
+    (["train-check", "CKPT", "--optimizer", "lamb"], "--optimizer"),
+    (["train-check", "CKPT", "--dtype", "fp64"], "--dtype"),
+]
+
+
+@pytest.mark.parametrize("args,option", BAD_CHOICES, ids=lambda x: x if isinstance(x, str) else x[0])
+def test_bad_choice_is_a_usage_error(tmp_path, args, option):
+    from typer.testing import CliRunner
+
+    from neoxconv.cli import app
+
+    r = CliRunner().invoke(app, [str(tmp_path / a) if a in ("SRC", "OUT", "A", "B", "CKPT") else a for a in args])
+    assert r.exit_code == 2, r.output
+    assert "Usage:" in r.output and f"Invalid value for '{option}'" in r.output, r.output
+    assert not list(tmp_path.iterdir())  # nothing started
+
+
+def test_help_lists_the_choices():
+    from typer.testing import CliRunner
+
+    from neoxconv.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "250"})
+    text = runner.invoke(app, ["convert", "--help"]).output
+    for choices in ("neox|hf|meta", "pipeline|sequential", "current|legacy", "auto|fp32|fp16|bf16",
+                    "auto|gptneox|llama|mistral", "mha_interleaved|gqa_blocked|gqa_fakehead", "llama3|llama2"):
+        assert choices in text, choices
+    text = runner.invoke(app, ["parity", "--help"]).output
+    assert "fp32|fp16|bf16" in text and "own|mean" in text and "auto|fp32" not in text
+    assert "sgd|adamw" in runner.invoke(app, ["train-check", "--help"]).output
+
+
+def test_choices_are_the_library_s():
+    """The CLI's sets are the ones the library accepts (it takes the plain strings)."""
+    from neoxconv import archs, choices, convert, fusing, graph
+    from neoxconv.formats import meta_llama, neox_files, neox_write
+    from neoxconv.reference import parity, train_check
+
+    def values(e) -> list[str]:
+        return [m.value for m in e]
+
+    assert values(choices.Target) == list(graph.FORMATS)
+    assert values(choices.NeoxLayout) == list(neox_write.LAYOUTS)
+    assert values(choices.NeoxSchema) == list(neox_files.SCHEMAS)
+    assert values(choices.QkvLayout) == list(fusing.QKV_LAYOUTS)
+    assert values(choices.MetaStyle) == list(meta_llama.STYLES)
+    assert values(choices.Family) == ["auto", *archs.FAMILIES]
+    assert values(choices.Optimizer) == list(train_check.OPTIMIZERS)
+    assert set(values(choices.OutDtype)) <= set(convert.DTYPES)
+    assert {parity.canonical_dtype(d) for d in values(choices.ComputeDtype)} == {"float32", "float16", "bfloat16"}

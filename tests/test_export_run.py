@@ -167,11 +167,9 @@ def test_hub_run_incremental(run, fake_hub, tmp_path):
 def test_verify_failure_is_a_failed_step(run, fake_hub, monkeypatch):
     """A real conversion bug injected (row biases of a parallel residual merged twice, issue #962
     style): --verify fails the step, which is not uploaded; main is not touched."""
-    import neoxconv.formats.neox as neox
+    from fixtures.bugs import sum_row_biases_twice
 
-    real = neox.merge
-    monkeypatch.setattr(neox, "merge", lambda parts, role, parallel: real(parts, role, parallel) * (
-        2 if role == "row_bias" and parallel else 1))
+    sum_row_biases_twice(monkeypatch)
     report = export_run(run, repo_id=REPO, token=VALID_TOKEN, endpoint=fake_hub.url, steps="300", verify=True)
     (rep,) = report.steps
     assert rep.status == "failed" and rep.error.startswith("parity check failed (logits differ beyond tolerance")

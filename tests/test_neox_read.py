@@ -129,7 +129,7 @@ def test_gpt_j_residual_without_mlp_bias_is_refused(tmp_path):
 def test_sliding_window_on_every_layer_type_plus_one(tmp_path):
     """NeoX trains W+1 keys on flash layers (window_size=(W, -1)) and on global ones (the
     training mask triu(diagonal=-W)) = HF sliding_window W+1; other attention types are refused."""
-    from neoxconv.formats.neox import hf_sliding_window
+    from neoxconv.formats.neox_spec import hf_sliding_window
 
     assert hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash"], 2]]}, 2, "x") == 8
     assert hf_sliding_window({"sliding_window_width": 7, "attention_config": [[["flash"], "all"]]}, 2, "x") == 8

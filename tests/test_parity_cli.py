@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from fixtures.bugs import sum_row_biases_twice
 from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
 from neoxconv.convert import convert
 from neoxconv.errors import NeoxconvError, ParityFailure
@@ -156,19 +157,6 @@ def test_verify_pass_cli(tmp_path):
     assert not (tmp_path / "hf.parity-failed").exists() and no_partials(tmp_path)
 
 
-def _sum_row_biases_twice(monkeypatch):
-    """Inject a real conversion bug (issue #962 style): row biases summed twice on merge."""
-    import neoxconv.formats.neox as neox
-
-    real = neox.merge
-
-    def wrong(parts, role, parallel_residual):
-        out = real(parts, role, parallel_residual)
-        return out * 2 if role == "row_bias" and parallel_residual else out
-
-    monkeypatch.setattr(neox, "merge", wrong)
-
-
 def run_in_process(capsys, *args) -> tuple[int, str]:
     """The real CLI entry point in this process (so an injected bug applies)."""
     from neoxconv import cli
@@ -187,7 +175,7 @@ def test_verify_fail_cli(tmp_path, monkeypatch, capsys):
     """A broken conversion -> exit 1, report saved, output only at OUT.parity-failed."""
     src = raw_neox(tmp_path / "neox", same_norms=True)
     out = tmp_path / "hf"
-    _sum_row_biases_twice(monkeypatch)
+    sum_row_biases_twice(monkeypatch)  # a real conversion bug (issue #962 style)
     code, err = run_in_process(capsys, "neox-to-hf", src, out, "--verify")
     assert code == 1, err
     last = err.strip().splitlines()[-1]
@@ -228,7 +216,7 @@ def test_verify_fail_with_force_keeps_out_and_replaces_old_failure(tmp_path, mon
     failed.mkdir()
     (failed / "parity-report.json").write_text("{}")
     (failed / "old.txt").write_text("old failure")
-    _sum_row_biases_twice(monkeypatch)
+    sum_row_biases_twice(monkeypatch)  # a real conversion bug (issue #962 style)
     with pytest.raises(ParityFailure) as err:
         convert(src, out, to="hf", force=True, after_write=verifier(src, out, to="hf", force=True))
     assert err.value.exit_code == 1 and "unchanged" in str(err.value)
@@ -257,7 +245,7 @@ def test_verify_low_precision_tp2_gptj(tmp_path, monkeypatch, capsys, dtype, sam
     assert rep["verdict"] == "pass" and (rep["atol"], rep["rtol"]) == (2e-4, 1e-4)
     assert rep["max_abs_diff"] < 1e-5, rep["max_abs_diff"]
     wrong = tmp_path / "hf-wrong"
-    _sum_row_biases_twice(monkeypatch)
+    sum_row_biases_twice(monkeypatch)  # a real conversion bug (issue #962 style)
     code, err = run_in_process(capsys, "neox-to-hf", src, wrong, "--verify")
     assert code == 1 and "parity check failed" in err
     assert not wrong.exists() and (tmp_path / "hf-wrong.parity-failed" / "parity-report.json").is_file()

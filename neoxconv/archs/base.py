@@ -1,8 +1,9 @@
-"""An architecture = a table of HF names <-> canonical names plus two config functions.
+"""A model family = one table (HF name <-> canonical name <-> TP role) plus two config functions.
 
-Patterns use `{i}` for the layer index and `{p}` for the parameter kind (weight / bias).
-The only fused HF tensor we know is GPTNeoX's interleaved `query_key_value`, named by
-`fused_qkv`; everything else is a rename.
+Table rows are `(HF name, canonical name, role)`; `{i}` is the layer index. A row whose HF
+tensor fuses several canonical ones names them all and has a fused role (GPTNeoX's
+`query_key_value`: `FusedQKV`). Hugging Face keeps whole tensors, so reading and writing HF is
+the role's merge and split at p = 1.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
-from neoxconv.fusing import fuse_qkv, split_qkv
+from neoxconv.roles import Context, Role
 from neoxconv.spec import ModelSpec
+from neoxconv.table import Entry, Table
 
-
-def _compile(pattern: str) -> re.Pattern:
-    rx = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-    return re.compile(rx + "$")
+# Model kinds that decide which family a NeoX checkpoint (which records none) is exported as.
+KINDS = ("gated", "rmsnorm", "sliding_window")
 
 
 @dataclass(frozen=True)
@@ -27,67 +28,64 @@ class Arch:
     family: str
     architecture: str  # HF class name written to config.json "architectures"
     model_type: str
-    names: dict[str, str]  # HF pattern -> canonical pattern
+    tensors: tuple[Entry, ...]  # the table
     spec_from_config: Callable[[dict, dict[str, tuple]], ModelSpec]
     config_from_spec: Callable[[ModelSpec], dict]
-    fused_qkv: str | None = None  # HF pattern of a fused, head-interleaved QKV tensor
-    read_aliases: dict[str, str] = field(default_factory=dict)  # other HF names accepted on read
+    holds: frozenset[str] = frozenset()  # which of KINDS the HF class can hold
+    # Linear layers (canonical, e.g. "mlp.up") the HF class always builds with a bias: a model
+    # without one is written with a zero bias (same numerics).
+    always_biased: tuple[str, ...] = ()
+    read_aliases: dict[str, str] = field(default_factory=dict)  # other HF names accepted on read -> table name
     ignored: tuple[str, ...] = ()  # regexes of HF buffers that carry no weights
     hf_activations: dict[str, str] = field(default_factory=dict)  # HF hidden_act -> ModelSpec activation
 
-    # -- name mapping -------------------------------------------------------------------------
-    def _rules(self) -> list[tuple[re.Pattern, str]]:
-        rules = [(_compile(h), c) for h, c in self.names.items()]
-        rules += [(_compile(h), self.names[target]) for h, target in self.read_aliases.items()]
-        return rules
+    @cached_property
+    def table(self) -> Table:
+        return Table(self.tensors)
+
+    def role_of(self, canonical: str) -> Role:
+        """The declared TP role of a canonical tensor (KeyError if this family has none)."""
+        return self.table.role_of(canonical)
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(re.fullmatch(rx, hf_name) for rx in self.ignored)
 
-    def canonical_name(self, hf_name: str) -> str | None:
-        """Canonical name for a plain-renamed HF tensor; None for the fused QKV; KeyError if unknown."""
-        if self.fused_qkv and _compile(self.fused_qkv).match(hf_name):
-            return None
-        for rx, canon in self._rules():
-            m = rx.match(hf_name)
-            if m:
-                return canon.format(**m.groupdict())
-        raise KeyError(hf_name)
-
-    def to_canonical(self, spec_heads: tuple[int, int], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        heads, kv = spec_heads
+    def to_canonical(self, heads: tuple[int, int], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Canonical tensors from HF ones (heads = (heads, KV heads)); KeyError for an unknown name."""
+        ctx = Context(heads=heads[0], kv_heads=heads[1])
         out: dict[str, torch.Tensor] = {}
-        fused = _compile(self.fused_qkv) if self.fused_qkv else None
         for name, t in tensors.items():
             if self.is_ignored(name):
                 continue
-            m = fused.match(name) if fused else None
-            if m:
-                for part, x in zip("qkv", split_qkv(t, heads, kv, "mha_interleaved")):
-                    out[f"layers.{m['i']}.attn.{part}.{m['p']}"] = x
-            else:
-                out[self.canonical_name(name)] = t
+            entry = self.table.by_name(self.read_aliases.get(name, name))
+            if entry is None:
+                raise KeyError(name)
+            out.update(zip(entry.canonical, entry.role.merge([t], ctx), strict=True))
         return out
 
     def from_canonical(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        inverse = [(_compile(c), h) for h, c in self.names.items()]
+        """HF tensors from canonical ones, in their order; vocab tensors get spec.vocab_rows rows.
+        A fused tensor is written where its first member (q) comes."""
+        ctx = Context.of(spec)
+        tensors = self._with_zero_biases(tensors)
         out: dict[str, torch.Tensor] = {}
-        for name, t in tensors.items():
-            m = re.match(r"layers\.(\d+)\.attn\.([qkv])\.(weight|bias)$", name)
-            if self.fused_qkv and m:
-                if m[2] != "q":
-                    continue
-                i, p = m[1], m[3]
-                q, k, v = (tensors[f"layers.{i}.attn.{x}.{p}"] for x in "qkv")
-                out[self.fused_qkv.format(i=i, p=p)] = fuse_qkv(q, k, v, spec.heads, spec.kv_heads, "mha_interleaved")
-                continue
-            for rx, hf in inverse:
-                mm = rx.match(name)
-                if mm:
-                    out[hf.format(**mm.groupdict())] = t
-                    break
-            else:
+        for name in tensors:
+            entry = self.table.by_canonical(name)
+            if entry is None:
                 raise KeyError(f"{self.family}: no HF name for canonical tensor {name}")
+            if name == entry.canonical[0]:
+                out[entry.name] = entry.role.split([tensors[c] for c in entry.canonical], 1, ctx)[0]
+        return out
+
+    def _with_zero_biases(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.always_biased:
+            return tensors
+        out = dict(tensors)
+        for i in sorted({int(n.split(".")[1]) for n in tensors if n.startswith("layers.")}):
+            for leaf in self.always_biased:
+                w = tensors.get(f"layers.{i}.{leaf}.weight")
+                if w is not None and f"layers.{i}.{leaf}.bias" not in tensors:
+                    out[f"layers.{i}.{leaf}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         return out
 
 

@@ -12,19 +12,36 @@ from __future__ import annotations
 
 from neoxconv.archs.base import Arch, first, rope_fields
 from neoxconv.errors import NeoxconvError
+from neoxconv.roles import COLUMN, REPLICATED, ROW, ROW_BIAS, VOCAB, FusedQKV
 from neoxconv.spec import ModelSpec
+from neoxconv.table import entries
 
-NAMES = {
-    "gpt_neox.embed_in.weight": "embed.weight",
-    "gpt_neox.layers.{i}.input_layernorm.{p}": "layers.{i}.attn_norm.{p}",
-    "gpt_neox.layers.{i}.post_attention_layernorm.{p}": "layers.{i}.mlp_norm.{p}",
-    "gpt_neox.layers.{i}.attention.dense.{p}": "layers.{i}.attn.o.{p}",
-    "gpt_neox.layers.{i}.mlp.dense_h_to_4h.{p}": "layers.{i}.mlp.up.{p}",
-    "gpt_neox.layers.{i}.mlp.dense_4h_to_h.{p}": "layers.{i}.mlp.down.{p}",
-    "gpt_neox.final_layer_norm.{p}": "final_norm.{p}",
-    # transformers 4.x names the head embed_out; 5.x maps it to lm_head on load.
-    "embed_out.weight": "lm_head.weight",
-}
+L = "gpt_neox.layers.{i}."  # HF prefix of layer i (canonical: "layers.{i}.")
+# Q, K and V in one tensor, per head [q_h; k_h; v_h] (neox-formats.md §4.1)
+QKV = FusedQKV(layout="mha_interleaved")
+
+TENSORS = entries(
+    # HF name                                canonical name                     TP role
+    ("gpt_neox.embed_in.weight",             "embed.weight",                    VOCAB),
+    (L + "input_layernorm.weight",           "layers.{i}.attn_norm.weight",     REPLICATED),
+    (L + "input_layernorm.bias",             "layers.{i}.attn_norm.bias",       REPLICATED),
+    (L + "post_attention_layernorm.weight",  "layers.{i}.mlp_norm.weight",      REPLICATED),
+    (L + "post_attention_layernorm.bias",    "layers.{i}.mlp_norm.bias",        REPLICATED),
+    (L + "attention.query_key_value.weight", ("layers.{i}.attn.q.weight", "layers.{i}.attn.k.weight",
+                                              "layers.{i}.attn.v.weight"),      QKV),
+    (L + "attention.query_key_value.bias",   ("layers.{i}.attn.q.bias", "layers.{i}.attn.k.bias",
+                                              "layers.{i}.attn.v.bias"),        QKV),
+    (L + "attention.dense.weight",           "layers.{i}.attn.o.weight",        ROW),
+    (L + "attention.dense.bias",             "layers.{i}.attn.o.bias",          ROW_BIAS),
+    (L + "mlp.dense_h_to_4h.weight",         "layers.{i}.mlp.up.weight",        COLUMN),
+    (L + "mlp.dense_h_to_4h.bias",           "layers.{i}.mlp.up.bias",          COLUMN),
+    (L + "mlp.dense_4h_to_h.weight",         "layers.{i}.mlp.down.weight",      ROW),
+    (L + "mlp.dense_4h_to_h.bias",           "layers.{i}.mlp.down.bias",        ROW_BIAS),
+    ("gpt_neox.final_layer_norm.weight",     "final_norm.weight",               REPLICATED),
+    ("gpt_neox.final_layer_norm.bias",       "final_norm.bias",                 REPLICATED),
+    # transformers 4.x names the head embed_out, 5.x lm_head (both are read: read_aliases)
+    ("embed_out.weight",                     "lm_head.weight",                  VOCAB),
+)
 
 HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_fast", "relu": "relu"}
 FROM_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -97,11 +114,12 @@ ARCH = Arch(
     family="gptneox",
     architecture="GPTNeoXForCausalLM",
     model_type="gpt_neox",
-    names=NAMES,
-    fused_qkv="gpt_neox.layers.{i}.attention.query_key_value.{p}",
-    read_aliases={"lm_head.weight": "embed_out.weight"},
-    ignored=(r".*\.rotary_emb\.inv_freq", r".*\.attention\.(masked_)?bias", r".*\.attention\.bias"),
+    tensors=TENSORS,
     spec_from_config=spec_from_config,
     config_from_spec=config_from_spec,
+    holds=frozenset(),  # no gated MLP, no RMSNorm, no sliding window
+    always_biased=("mlp.up", "mlp.down"),  # HF GPTNeoX always has MLP biases: zeros for a bias-free model
+    read_aliases={"lm_head.weight": "embed_out.weight"},
+    ignored=(r".*\.rotary_emb\.inv_freq", r".*\.attention\.(masked_)?bias"),
     hf_activations=FROM_HF_ACT,
 )

@@ -19,22 +19,34 @@ from __future__ import annotations
 
 from neoxconv.archs.base import Arch, first, rope_fields
 from neoxconv.errors import NeoxconvError
+from neoxconv.roles import COLUMN, REPLICATED, ROW, ROW_BIAS, VOCAB
 from neoxconv.spec import ModelSpec
+from neoxconv.table import entries
 
-NAMES = {
-    "model.embed_tokens.weight": "embed.weight",
-    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.{p}": "layers.{i}.attn.q.{p}",
-    "model.layers.{i}.self_attn.k_proj.{p}": "layers.{i}.attn.k.{p}",
-    "model.layers.{i}.self_attn.v_proj.{p}": "layers.{i}.attn.v.{p}",
-    "model.layers.{i}.self_attn.o_proj.{p}": "layers.{i}.attn.o.{p}",
-    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
-    "model.layers.{i}.mlp.gate_proj.{p}": "layers.{i}.mlp.gate.{p}",
-    "model.layers.{i}.mlp.up_proj.{p}": "layers.{i}.mlp.up.{p}",
-    "model.layers.{i}.mlp.down_proj.{p}": "layers.{i}.mlp.down.{p}",
-    "model.norm.weight": "final_norm.weight",
-    "lm_head.weight": "lm_head.weight",  # absent when tied
-}
+L = "model.layers.{i}."  # HF prefix of layer i (canonical: "layers.{i}.")
+
+TENSORS = entries(
+    # HF name                                canonical name                  TP role
+    ("model.embed_tokens.weight",            "embed.weight",                 VOCAB),
+    (L + "input_layernorm.weight",           "layers.{i}.attn_norm.weight",  REPLICATED),
+    (L + "self_attn.q_proj.weight",          "layers.{i}.attn.q.weight",     COLUMN),
+    (L + "self_attn.q_proj.bias",            "layers.{i}.attn.q.bias",       COLUMN),
+    (L + "self_attn.k_proj.weight",          "layers.{i}.attn.k.weight",     COLUMN),
+    (L + "self_attn.k_proj.bias",            "layers.{i}.attn.k.bias",       COLUMN),
+    (L + "self_attn.v_proj.weight",          "layers.{i}.attn.v.weight",     COLUMN),
+    (L + "self_attn.v_proj.bias",            "layers.{i}.attn.v.bias",       COLUMN),
+    (L + "self_attn.o_proj.weight",          "layers.{i}.attn.o.weight",     ROW),
+    (L + "self_attn.o_proj.bias",            "layers.{i}.attn.o.bias",       ROW_BIAS),
+    (L + "post_attention_layernorm.weight",  "layers.{i}.mlp_norm.weight",   REPLICATED),
+    (L + "mlp.gate_proj.weight",             "layers.{i}.mlp.gate.weight",   COLUMN),
+    (L + "mlp.gate_proj.bias",               "layers.{i}.mlp.gate.bias",     COLUMN),
+    (L + "mlp.up_proj.weight",               "layers.{i}.mlp.up.weight",     COLUMN),
+    (L + "mlp.up_proj.bias",                 "layers.{i}.mlp.up.bias",       COLUMN),
+    (L + "mlp.down_proj.weight",             "layers.{i}.mlp.down.weight",   ROW),
+    (L + "mlp.down_proj.bias",               "layers.{i}.mlp.down.bias",     ROW_BIAS),
+    ("model.norm.weight",                    "final_norm.weight",            REPLICATED),
+    ("lm_head.weight",                       "lm_head.weight",               VOCAB),  # absent when tied
+)
 
 # Old transformers saved the rotary buffer; it carries no weights.
 IGNORED = (r".*\.rotary_emb\.inv_freq",)
@@ -151,8 +163,9 @@ ARCH = Arch(
     family="llama",
     architecture="LlamaForCausalLM",
     model_type="llama",
-    names=NAMES,
-    ignored=IGNORED,
+    tensors=TENSORS,
     spec_from_config=spec_from_config,
     config_from_spec=config_from_spec,
+    holds=frozenset({"gated", "rmsnorm"}),
+    ignored=IGNORED,
 )

@@ -1,10 +1,10 @@
 """Mistral: HF MistralForCausalLM <-> canonical. Llama plus a sliding attention window.
 
 Everything Mistral-specific:
-- the tensor names are Llama's (archs/llama.py NAMES);
+- the tensors are Llama's (archs/llama.py TENSORS: names and TP roles);
 - `sliding_window` W: a query sees itself and the W-1 keys before it (HF eager/sdpa masks).
-  NeoX's flash-attention window (`sliding_window_width`) lets it see W+1 keys: the one-token
-  gap matters only for contexts longer than W (neox-formats.md §2.3, T17).
+  NeoX's `sliding_window_width` W' lets a query see W'+1 keys on every layer, so NeoX W' is
+  HF W'+1 (formats/neox_spec.py, docs/design.md "Sliding window").
   A model without a window is written with `"sliding_window": null`; a config.json WITHOUT the
   key means HF's class default, 4096 (T12), so reading honours that default.
 - no biases: HF's MistralAttention/MistralMLP are built with bias=False, so a model with
@@ -16,7 +16,7 @@ Everything Mistral-specific:
 from __future__ import annotations
 
 from neoxconv.archs.base import Arch
-from neoxconv.archs.llama import IGNORED, NAMES, check_llama_like, common_config
+from neoxconv.archs.llama import IGNORED, TENSORS, check_llama_like, common_config
 from neoxconv.archs.llama import spec_from_config as llama_spec
 from neoxconv.errors import NeoxconvError
 from neoxconv.spec import ModelSpec
@@ -47,8 +47,9 @@ ARCH = Arch(
     family="mistral",
     architecture="MistralForCausalLM",
     model_type="mistral",
-    names=NAMES,
-    ignored=IGNORED,
+    tensors=TENSORS,
     spec_from_config=spec_from_config,
     config_from_spec=config_from_spec,
+    holds=frozenset({"gated", "rmsnorm", "sliding_window"}),
+    ignored=IGNORED,
 )

@@ -1,5 +1,6 @@
 """Hugging Face model directories: config.json + safetensors (sharded with an index above
---max-shard-size) or pytorch_model*.bin; per-family names come from neoxconv.archs.
+--max-shard-size) or pytorch_model*.bin; names, roles and config come from the family's table
+(neoxconv.archs): reading and writing HF is each role's merge and split at p = 1.
 
 Reading is lazy (safetensors are memory-mapped, tensors fetched per layer). Writing streams:
 the shard plan is made from shapes alone, then each layer is loaded, converted and appended,
@@ -18,7 +19,6 @@ from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import NeoxconvError
 from neoxconv.io import SafetensorsStreamWriter, load_pickle, read_json, write_json
-from neoxconv.reshard import resize_vocab
 from neoxconv.tensormap import Group, TensorMap, group_of
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -168,15 +168,7 @@ def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, m
         config["hidden_act"] = src_act  # e.g. gelu_new stays gelu_new: same function, same rounding
 
     def to_hf(group: Group, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        t = {k: v.to(out_dtype) for k, v in t.items()}
-        for name in ("embed.weight", "lm_head.weight"):
-            if name in t:
-                t[name] = resize_vocab(t[name], rows, spec.vocab_size)
-        if arch.family == "gptneox" and not spec.mlp_bias and isinstance(group, int):
-            # HF GPTNeoX always has MLP biases: zeros reproduce a bias-free MLP exactly.
-            t[f"layers.{group}.mlp.up.bias"] = torch.zeros(spec.intermediate, dtype=out_dtype, device=t[f"layers.{group}.mlp.up.weight"].device)
-            t[f"layers.{group}.mlp.down.bias"] = torch.zeros(spec.hidden, dtype=out_dtype, device=t[f"layers.{group}.mlp.down.weight"].device)
-        return arch.from_canonical(out_spec, t)
+        return arch.from_canonical(out_spec, {k: v.to(out_dtype) for k, v in t.items()})
 
     # Plan: HF names, dtypes and shapes per group from metas alone, then pack shards in order.
     groups = ckpt.tensors.groups()

@@ -3,15 +3,19 @@
 One `consolidated.{r:02d}.pth` per model-parallel rank of Meta's fairscale model, each a plain
 dict of tensors (neox-formats.md §6.3, T18):
 
-| Meta name (per layer `layers.{i}.`) | canonical            | split across shards          |
+| Meta name (per layer `layers.{i}.`) | canonical            | split across shards (the family's role) |
 |-------------------------------------|----------------------|------------------------------|
 | tok_embeddings.weight               | embed.weight         | dim 1 (Llama 1/2), dim 0 (3) |
 | attention.wq / wk / wv.weight       | attn.q / k / v       | dim 0 (column), rotary perm. |
 | attention.wo.weight                 | attn.o.weight        | dim 1 (row)                  |
 | feed_forward.w1 / w3 / w2.weight    | mlp.gate / up / down | dim 0 / dim 0 / dim 1        |
 | attention_norm / ffn_norm.weight    | attn_norm / mlp_norm | replicated                   |
-| norm.weight / output.weight         | final_norm / lm_head | replicated / dim 0           |
+| norm.weight / output.weight         | final_norm / lm_head | replicated / dim 0 (vocab)   |
 | rope.freqs                          | (ignored)            |                              |
+
+This module keeps only the names (`*_NAMES`); how shards split each tensor is the role the
+model's family declares (archs/llama.py), except Llama 1/2's embedding, which fairscale's
+ParallelEmbedding splits on the hidden dim (a row-parallel split, `HIDDEN_SPLIT`).
 
 Rotary: Meta rotates adjacent pairs (x_2i, x_2i+1) as complex numbers; the canonical form is
 rotate-half. Per head of d rows in wq (n heads) and wk (n_kv heads), never wv: Meta -> canonical
@@ -39,17 +43,20 @@ another: peak memory is one shard plus one layer (each layer is read once per sh
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import NeoxconvError
 from neoxconv.io import load_pickle, owned, read_json, save_pickle, write_json
-from neoxconv.reshard import merge, resize_vocab, split
+from neoxconv.roles import ROW, Context, resize_vocab
 from neoxconv.spec import ModelSpec
+from neoxconv.table import Entry, entries, merge_group, split_group, with_roles
 from neoxconv.tensormap import Group, TensorMap
 
 PARAMS = "params.json"
@@ -57,22 +64,22 @@ SHARD_FILE = re.compile(r"^consolidated\.(\d+)\.pth$")
 IGNORED = ("rope.freqs",)
 STYLES = ("llama3", "llama2")
 
-# Meta leaf name -> (canonical leaf, TP role: how the shards were split)
-LAYER = {
-    "attention_norm.weight": ("attn_norm.weight", "replicated"),
-    "attention.wq.weight": ("attn.q.weight", "column"),
-    "attention.wk.weight": ("attn.k.weight", "column"),
-    "attention.wv.weight": ("attn.v.weight", "column"),
-    "attention.wo.weight": ("attn.o.weight", "row"),
-    "ffn_norm.weight": ("mlp_norm.weight", "replicated"),
-    "feed_forward.w1.weight": ("mlp.gate.weight", "column"),
-    "feed_forward.w3.weight": ("mlp.up.weight", "column"),
-    "feed_forward.w2.weight": ("mlp.down.weight", "row"),
-}
-FINAL = {
-    "norm.weight": ("final_norm.weight", "replicated"),
-    "output.weight": ("lm_head.weight", "vocab"),
-}
+# Meta name <-> canonical name, per group, in Meta's file order.
+EMBED_NAMES = entries(("tok_embeddings.weight", "embed.weight"))
+LAYER_NAMES = entries(
+    ("layers.{i}.attention_norm.weight",   "layers.{i}.attn_norm.weight"),
+    ("layers.{i}.attention.wq.weight",     "layers.{i}.attn.q.weight"),
+    ("layers.{i}.attention.wk.weight",     "layers.{i}.attn.k.weight"),
+    ("layers.{i}.attention.wv.weight",     "layers.{i}.attn.v.weight"),
+    ("layers.{i}.attention.wo.weight",     "layers.{i}.attn.o.weight"),
+    ("layers.{i}.ffn_norm.weight",         "layers.{i}.mlp_norm.weight"),
+    ("layers.{i}.feed_forward.w1.weight",  "layers.{i}.mlp.gate.weight"),
+    ("layers.{i}.feed_forward.w3.weight",  "layers.{i}.mlp.up.weight"),
+    ("layers.{i}.feed_forward.w2.weight",  "layers.{i}.mlp.down.weight"),
+)
+FINAL_NAMES = entries(("norm.weight", "final_norm.weight"), ("output.weight", "lm_head.weight"))
+# Llama 1/2 reference code (fairscale ParallelEmbedding) splits the embedding on the hidden dim.
+HIDDEN_SPLIT = ROW
 EMBED = "tok_embeddings.weight"
 
 
@@ -152,7 +159,8 @@ def _load_shards(files: list[Path]) -> list[dict[str, torch.Tensor]]:
 
 
 def _check_names(files: list[Path], keys: set[str], n_layers: int) -> None:
-    expected = {EMBED, *FINAL} | {f"layers.{i}.{leaf}" for i in range(n_layers) for leaf in LAYER}
+    expected = {e.name for e in EMBED_NAMES + FINAL_NAMES}
+    expected |= {e.at(i).name for i in range(n_layers) for e in LAYER_NAMES}
     missing, extra = expected - keys, keys - expected
     if missing:
         raise NeoxconvError(f"{files[0]}: missing tensor {sorted(missing)[0]} (params.json says {n_layers} layers)")
@@ -166,6 +174,19 @@ def _tokenizer(path: Path) -> Path | None:
         if (d / "tokenizer.model").is_file():
             return d / "tokenizer.model"
     return None
+
+
+def _names(family: str, hidden_split: bool) -> dict[str, list[Entry]]:
+    """The tables per group ("embed", "layer", "final") with the family's roles."""
+    where = f"{family} model in Meta Llama names"
+
+    def bind(rows: tuple[Entry, ...]) -> list[Entry]:
+        return with_roles(rows, lambda c: archs.role_of(c, family), where)
+
+    embed = bind(EMBED_NAMES)
+    if hidden_split:
+        embed = [dataclasses.replace(e, role=HIDDEN_SPLIT) for e in embed]
+    return {"embed": embed, "layer": bind(LAYER_NAMES), "final": bind(FINAL_NAMES)}
 
 
 def read_meta(path: Path, family: str | None = None) -> Checkpoint:
@@ -224,23 +245,16 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
         raise NeoxconvError(f"{files[0]}: tok_embeddings shard {tuple(emb0)} fits neither a dim-0 split "
                             f"({vocab // p}, {dim}) nor a dim-1 split ({vocab}, {dim // p}) of {p} shards")
 
-    def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:
-        def get(name: str) -> list[torch.Tensor]:
-            return [sd[name].to("meta") if meta else sd[name] for sd in shards]
+    names = _names(family or "llama", hidden_split=emb_dim == 1)
+    ctx = Context()
 
-        if group == "embed":
-            parts = get(EMBED)
-            return {"embed.weight": parts[0] if emb_dim is None else torch.cat(parts, dim=emb_dim)}
-        if group == "final":
-            return {canon: merge(get(name), role, False) for name, (canon, role) in FINAL.items()}
-        out = {}
-        for leaf, (canon, role) in LAYER.items():
-            t = merge(get(f"layers.{group}.{leaf}"), role, False)
-            if canon == "attn.q.weight":
-                t = meta_to_rotate_half(t, heads)
-            elif canon == "attn.k.weight":
-                t = meta_to_rotate_half(t, kv)
-            out[f"layers.{group}.{canon}"] = t
+    def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:
+        rows = names[group] if isinstance(group, str) else [e.at(group) for e in names["layer"]]
+        states = [{e.name: sd[e.name].to("meta") if meta else sd[e.name] for e in rows} for sd in shards]
+        out = merge_group(rows, states, ctx)
+        if isinstance(group, int):
+            q, k = f"layers.{group}.attn.q.weight", f"layers.{group}.attn.k.weight"
+            out[q], out[k] = meta_to_rotate_half(out[q], heads), meta_to_rotate_half(out[k], kv)
         return dict(sorted(out.items()))
 
     groups: list[Group] = ["embed", *range(n_layers), "final"]
@@ -336,32 +350,29 @@ def write_meta(ckpt: Checkpoint, out: Path, *, shards: int, dtype: torch.dtype |
     emb_dim = 1 if style == "llama2" else 0
     heads, kv = spec.heads, spec.kv_heads
 
-    def to_meta(group: Group, t: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        """Meta name -> per-rank pieces for one group."""
+    names = _names(spec.family, hidden_split=emb_dim == 1)
+    ctx = Context.of(spec, vocab_rows=vocab)
+
+    def to_meta(group: Group, t: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """What each shard stores of one group (Meta names)."""
         t = {k: v.to(out_dtype) for k, v in t.items()}
         if group == "embed":
-            emb = resize_vocab(t["embed.weight"], vocab, spec.vocab_size)
-            return {EMBED: list(emb.chunk(shards, dim=emb_dim)) if shards > 1 else [emb]}
+            t["embed.weight"] = resize_vocab(t["embed.weight"], vocab, spec.vocab_size)
+            return split_group(names["embed"], t, shards, ctx)
         if group == "final":
-            head = t["lm_head.weight"] if "lm_head.weight" in t else ckpt.tensors.load_group("embed")["embed.weight"].to(out_dtype)
-            return {"norm.weight": split(t["final_norm.weight"], "replicated", shards, False),
-                    "output.weight": split(resize_vocab(head, vocab, spec.vocab_size), "vocab", shards, False)}
-        pieces = {}
-        for leaf, (canon, role) in LAYER.items():
-            x = t[f"layers.{group}.{canon}"]
-            if canon == "attn.q.weight":
-                x = rotate_half_to_meta(x, heads)
-            elif canon == "attn.k.weight":
-                x = rotate_half_to_meta(x, kv)
-            pieces[f"layers.{group}.{leaf}"] = split(x, role, shards, False)
-        return pieces
+            if "lm_head.weight" not in t:  # tied: Meta always stores the output layer
+                t["lm_head.weight"] = ckpt.tensors.load_group("embed")["embed.weight"].to(out_dtype)
+            return split_group(names["final"], t, shards, ctx)
+        q, k = f"layers.{group}.attn.q.weight", f"layers.{group}.attn.k.weight"
+        t[q], t[k] = rotate_half_to_meta(t[q], heads), rotate_half_to_meta(t[k], kv)
+        return split_group([e.at(group) for e in names["layer"]], t, shards, ctx)
 
     groups = ckpt.tensors.groups()
     for rank in range(shards):
         state: dict[str, torch.Tensor] = {}
         for group in groups:
-            for name, parts in to_meta(group, ckpt.tensors.load_group(group)).items():
-                state[name] = owned(parts[rank])
+            for name, part in to_meta(group, ckpt.tensors.load_group(group))[rank].items():
+                state[name] = owned(part)
             if progress and rank == shards - 1:
                 progress(f"layer {group}" if isinstance(group, int) else str(group))
         save_pickle(_meta_order(state), out / f"consolidated.{rank:02d}.pth")
