@@ -56,6 +56,11 @@ class Replicated(str, Enum):
     mean = "mean"
 
 
+class MainBranch(str, Enum):
+    latest = "latest"
+    none = "none"
+
+
 class Optimizer(str, Enum):
     sgd = "sgd"
     adamw = "adamw"

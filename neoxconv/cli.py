@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from neoxconv.choices import (ComputeDtype, Family, MetaStyle, NeoxLayout, NeoxSchema, Optimizer, OutDtype, QkvLayout,
-                              Replicated, Target, value_of)
+from neoxconv.choices import (ComputeDtype, Family, MainBranch, MetaStyle, NeoxLayout, NeoxSchema, Optimizer, OutDtype,
+                              QkvLayout, Replicated, Target, value_of)
 
 app = typer.Typer(
     help="Convert GPT-NeoX checkpoints to and from Hugging Face and Meta Llama at any tensor-parallel "
@@ -421,8 +421,8 @@ def export_run_cmd(
                         "Python; items can be mixed: 0,1,2,1000:144000:1000).")] = "all",
     branch_template: Annotated[str, typer.Option(
         "--branch-template", help="Branch (or directory) name per step; {step} is the step number.")] = "step{step}",
-    main: Annotated[str, typer.Option(
-        "--main", help="latest: main holds the newest exported step (Hub); none: main is left alone.")] = "latest",
+    main: Annotated[MainBranch, typer.Option(
+        "--main", help="latest: main holds the newest exported step (Hub); none: main is left alone.")] = MainBranch.latest,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Check each step's logit parity against its NeoX source (fp32); the result goes in the "
                          "card, a failing step is not uploaded.")] = False,
@@ -449,7 +449,7 @@ def export_run_cmd(
 
         disable_progress_bars()
     set_trust_pickle(trust_pickle)
-    report = export_run(run_dir, out_dir, push_to_hub, steps=steps, branch_template=branch_template, main=main,
+    report = export_run(run_dir, out_dir, push_to_hub, steps=steps, branch_template=branch_template, main=main.value,
                         verify=verify, private=private, token=token, endpoint=endpoint, dry_run=dry_run,
                         on_progress=None if as_json else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
     if as_json:

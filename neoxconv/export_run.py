@@ -33,6 +33,7 @@ from neoxconv.run_steps import HashCache, discover_steps, fingerprint, select_st
 RECORD = "neoxconv-export-run: "
 _RECORD_LINE = re.compile(r"^" + re.escape(RECORD) + r"(\{.*\})\s*$", re.M)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAIN_MODES = ("latest", "none")  # --main: main holds the newest exported step, or is left alone
 
 
 @dataclass
@@ -170,8 +171,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, repo_id: 
     """
     if (out_dir is None) == (repo_id is None):
         raise NeoxconvError("export-run: give either OUT_DIR or --push-to-hub REPO_ID (exactly one)")
-    if main not in ("latest", "none"):
-        raise NeoxconvError(f"unknown --main {main!r} (use latest or none)")
+    if main not in MAIN_MODES:
+        raise NeoxconvError(f"unknown --main {main!r} (use {' or '.join(MAIN_MODES)})")
     run_dir = Path(run_dir)
     say = on_progress or (lambda _msg: None)
     available = discover_steps(run_dir)

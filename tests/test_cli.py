@@ -199,7 +199,7 @@ def test_help_lists_the_choices():
 
 def test_choices_are_the_library_s():
     """The CLI's sets are the ones the library accepts (it takes the plain strings)."""
-    from neoxconv import archs, choices, convert, fusing, graph
+    from neoxconv import archs, choices, convert, export_run, fusing, graph
     from neoxconv.formats import meta_llama, neox_files, neox_write
     from neoxconv.reference import parity, train_check
 
@@ -213,5 +213,6 @@ def test_choices_are_the_library_s():
     assert values(choices.MetaStyle) == list(meta_llama.STYLES)
     assert values(choices.Family) == ["auto", *archs.FAMILIES]
     assert values(choices.Optimizer) == list(train_check.OPTIMIZERS)
+    assert values(choices.MainBranch) == list(export_run.MAIN_MODES)
     assert set(values(choices.OutDtype)) <= set(convert.DTYPES)
     assert {parity.canonical_dtype(d) for d in values(choices.ComputeDtype)} == {"float32", "float16", "bfloat16"}
