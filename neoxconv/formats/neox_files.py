@@ -77,7 +77,7 @@ class NeoxFiles:
     _rank_files: list[Path] | None = field(default=None, repr=False)  # sequential, per rank
     _cache: tuple[int, list[dict]] | None = field(default=None, repr=False)
     num_layers: int = 0
-    qkv_layout: str = "mha_interleaved"  # the converter's reading, set by formats/neox.py; never read by reference/ or parity
+    qkv_layout: str = "mha_interleaved"  # the converter's reading (formats/neox.py); the proof never reads it
 
     def rank_states(self, idx: int) -> list[dict[str, torch.Tensor]]:
         """Tensors of spec index `idx`, one dict per TP rank, names without `sequential.N.`."""
