@@ -53,6 +53,7 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        result["source"].tensors.release()  # the conversion's last group: parity needs the memory
         # A conversion can only hold the mean of norm copies that drifted across NeoX ranks, so
         # --verify checks the conversion against that ("mean"); the drift itself is reported in
         # the notes and measured by `neoxconv parity` (default "own").

@@ -144,12 +144,12 @@ class _WeightFiles:
 
 
 def _renamer(model: nn.Module) -> Callable[[str], str]:
-    """transformers' own checkpoint-name -> parameter-name renaming for this model."""
-    try:  # transformers 5; in 4.x checkpoint names are the module names
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:  # pragma: no cover - transformers 4.x
-        return lambda key: key
+    """transformers' own checkpoint-name -> parameter-name renaming for this model (transformers 5;
+    weight *conversions* such as fusing experts are not renamings: such checkpoints are refused
+    as missing tensors)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
 
     def rename(key: str) -> str:
