@@ -79,7 +79,7 @@ class Side:
         return out
 
     def layout_summary(self) -> dict[str, Any]:
-        return {}
+        return {k: self.info[k] for k in ("layout", "tp", "pp", "qkv_layout") if self.info.get(k) is not None}
 
     def logits(self, tokens: torch.Tensor, dtype: torch.dtype, device: torch.device, replicated: str) -> torch.Tensor:
         raise NotImplementedError
