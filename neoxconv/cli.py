@@ -107,7 +107,7 @@ def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: b
     set_trust_pickle(trust_pickle)
     holder: dict = {}
     if verify:  # parity of the finished temp dir against the source, before it lands at OUT
-        from neoxconv.parity_run import verifier
+        from neoxconv.parity import verifier
 
         check = verifier(src, out, to=to, config_files=kw.get("config_files"), family=kw.get("family"),
                          qkv_layout=kw.get("qkv_layout"), force=kw.get("force", False), console=console)
@@ -310,7 +310,7 @@ def parity_cmd(
     from transformers.utils import logging as hf_logging
 
     from neoxconv.io import set_trust_pickle
-    from neoxconv.parity_run import render_report, run_parity, save_report
+    from neoxconv.parity import render_report, run_parity, save_report
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -359,7 +359,7 @@ def train_check_cmd(
     """Tensor-parallel training step(s) on a NeoX checkpoint, one process per TP rank, with loss and
     gradient parity against the HF model doing the same steps; exit 0 pass, 1 fail, 2 bad input.
     Runs its own local processes, or joins a torchrun launch. See docs/training.md."""
-    from neoxconv.reference.train_check import TrainCheckOptions, cli_main
+    from neoxconv.traincheck import TrainCheckOptions, cli_main
 
     opts = TrainCheckOptions(ckpt=ckpt, hf=hf, steps=steps, lr=lr, optimizer=optimizer.value,
                              weight_decay=weight_decay, batch=batch, tokens=tokens, seed=seed, dtype=dtype.value,

@@ -58,7 +58,7 @@ def run_demo(out: Path | None, console: Console) -> bool:
         table.add_column(col)
     table.add_row(str(ids.numel()), f"{diff:.3g}", f"{agree:.0%}", "[green]bit-exact[/green]" if ok else "[red]MISMATCH[/red]")
     console.print(table)
-    from neoxconv.parity_run import render_report, run_parity
+    from neoxconv.parity import render_report, run_parity
 
     console.print(f"[bold]4.[/bold] neoxconv parity {neox.name} {back.name}: NeoX reference forward on the TP=2 "
                   "shards vs the HF export")

@@ -122,7 +122,7 @@ class _Run:
 
         check = None
         if self.verify:
-            from neoxconv.parity_run import verifier
+            from neoxconv.parity import verifier
 
             check = verifier(self.steps[step], out, to="hf", force=force)
 
@@ -268,7 +268,7 @@ def _to_hub(run: _Run, selected: list[int], targets: dict[int, str], repo_id: st
 
 
 def _parity_reasons(out: Path) -> str:
-    from neoxconv.parity_run import REPORT_NAME, failed_dir
+    from neoxconv.parity import REPORT_NAME, failed_dir
 
     try:
         return "; ".join(json.loads((failed_dir(out) / REPORT_NAME).read_text())["info"]["reasons"])

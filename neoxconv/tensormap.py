@@ -98,6 +98,10 @@ class TensorMap:
             self._cached = (group, {n: loaded[n] for n in self._names[group]})
         return self._cached[1]
 
+    def release(self) -> None:
+        """Forget the cached group (the next load reads it again), e.g. before other work runs."""
+        self._cached = None
+
     def num_params(self) -> int:
         total = 0
         for t in self._entries.values():

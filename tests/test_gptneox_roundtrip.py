@@ -180,7 +180,7 @@ def test_lowering_tp_without_a_known_vocab_pins_the_rows(tmp_path):
     """A NeoX checkpoint with no tokenizer and no record of its real vocab: rows padded for TP 2
     cannot be trimmed, so the YAML must make NeoX rebuild exactly those rows at TP 1."""
     from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
-    from neoxconv.formats.neox_config import read_configs
+    from neoxconv.formats.neox_args import read_configs
 
     ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=256, tied=False)
     src = write_neox_checkpoint(tmp_path / "tp2", ranks, dict(num_layers=2, hidden_size=32, num_attention_heads=4,
@@ -200,7 +200,7 @@ def test_written_yaml_is_block_style_and_parses_back(tmp_path, sources):
     convert(src, tmp_path / "neox", to="neox", tp=2)
     text = next((tmp_path / "neox").glob("global_step*/configs/neoxconv.yml")).read_text()
     assert "{" not in text  # one key per line, readable and diffable
-    from neoxconv.formats.neox_config import read_configs
+    from neoxconv.formats.neox_args import read_configs
 
     cfg, _ = read_configs([next((tmp_path / "neox").glob("global_step*/configs/neoxconv.yml"))])
     assert cfg["model_parallel_size"] == 2 and cfg["layernorm_epsilon"] == 1e-5

@@ -27,10 +27,7 @@ from neoxconv.errors import NeoxconvError
 from neoxconv.formats.meta_llama import read_meta
 from neoxconv.formats.neox_files import open_neox
 
-try:
-    from neoxconv.reference import meta_reference_logits, neox_reference_logits
-except ImportError:  # the reference forward lands separately
-    meta_reference_logits = neox_reference_logits = None
+from neoxconv.reference import NeoxCheckpoint, meta_reference_logits, neox_reference_logits
 
 VOCAB = 96  # tiny_hf_model's Llama/Mistral vocabulary
 IDS = token_batch(VOCAB, batch=2, tokens=12)  # 12 > Mistral's window of 8: the window matters
@@ -74,11 +71,7 @@ def assert_same_logits(out_dir: Path, src_logits: torch.Tensor):
 
 def reference_check(neox_dir: Path, qkv_layout: str, src_logits: torch.Tensor):
     """NeoX-semantics forward on the stored per-rank tensors agrees with the HF source."""
-    if neox_reference_logits is None:
-        return
-    nf = open_neox(neox_dir)
-    nf.qkv_layout = qkv_layout
-    ref = neox_reference_logits(nf, IDS)[..., :VOCAB]
+    ref = neox_reference_logits(NeoxCheckpoint(neox_dir, qkv_layout=qkv_layout), IDS)[..., :VOCAB]
     torch.testing.assert_close(ref, src_logits, atol=1e-5, rtol=1e-5)
 
 
@@ -319,8 +312,8 @@ def test_meta_to_hf_and_neox(tmp_path, hf_src, case, shards, embed_dim):
     model, _, src_logits = hf_src(case)
     sh, params = meta_shards(model, shards, embed_dim)
     meta = save_meta(tmp_path / "meta", sh, params)
-    if meta_reference_logits is not None:  # the hand-built shards really are that model, in Meta semantics
-        torch.testing.assert_close(meta_reference_logits(sh, params, IDS), src_logits, atol=1e-5, rtol=1e-5)
+    # the hand-built shards really are that model, in Meta semantics
+    torch.testing.assert_close(meta_reference_logits(sh, params, IDS), src_logits, atol=1e-5, rtol=1e-5)
     convert(meta, tmp_path / "hf", to="hf")
     assert_same_hf_weights(model, tmp_path / "hf")
     assert_same_logits(tmp_path / "hf", src_logits)
@@ -348,8 +341,7 @@ def test_hf_meta_hf_bit_exact(tmp_path, hf_src, case):
         for sd in sh:  # compact per-rank copies, not views of a whole storage
             for name, t in sd.items():
                 assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
-        if meta_reference_logits is not None:
-            torch.testing.assert_close(meta_reference_logits(sh, params, IDS), src_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(meta_reference_logits(sh, params, IDS), src_logits, atol=1e-5, rtol=1e-5)
         assert res["embedding_split_dim"] == (None if shards == 1 else (1 if style else 0))
         back = tmp_path / f"back{shards}{style}"
         convert(out, back, to="hf")

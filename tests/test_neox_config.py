@@ -16,7 +16,8 @@ import yaml
 
 from fixtures.factories import hf_tensors, save_hf, tiny_hf_model
 from neoxconv.convert import convert
-from neoxconv.formats.neox_config import legacy_llama_ff, neox_yaml, read_configs
+from neoxconv.formats.neox_args import read_configs
+from neoxconv.formats.neox_config import legacy_llama_ff, neox_yaml
 from neoxconv.spec import ModelSpec
 
 # Keys NeoX added on 2024-09-10 together with the current MLP names (adbf5d6f).

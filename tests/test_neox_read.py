@@ -8,7 +8,7 @@ import torch
 from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
 from neoxconv.errors import NeoxconvError
 from neoxconv.formats.neox import read_neox
-from neoxconv.formats.neox_config import read_configs
+from neoxconv.formats.neox_args import read_configs
 
 CFG = dict(num_layers=2, hidden_size=32, num_attention_heads=4, rotary_pct=0.25, gpt_j_residual=True,
            no_weight_tying=True, bias_gelu_fusion=True, layernorm_epsilon="1e-5")

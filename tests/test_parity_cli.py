@@ -21,7 +21,8 @@ from fixtures.bugs import sum_row_biases_twice
 from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
 from neoxconv.convert import convert
 from neoxconv.errors import NeoxconvError, ParityFailure
-from neoxconv.parity_run import check_verify_target, logits_for, run_parity, verifier
+from neoxconv.parity import check_verify_target, logits_for, run_parity, verifier
+from neoxconv.reference import NeoxCheckpoint
 from neoxconv.tiny import tiny_hf_model
 
 torch.set_num_threads(2)
@@ -285,6 +286,21 @@ def test_verify_layout_migration_checks_each_side_in_its_own_layout(gqa_fakehead
     assert res.returncode == 0, res.stdout + res.stderr
     res = run("parity", fh, mig, "--tokens", 16, "--qkv-layout-b", "gqa_fakehead")
     assert res.returncode == 1, res.stdout + res.stderr
+
+
+def test_reference_reads_the_qkv_layout_from_the_files(gqa_fakehead, tmp_path):
+    """The NeoX side's QKV layout is the reference's own reading of the files (never the
+    converter's): the layout recorded in neoxconv.json, else NeoX's history by the stored names
+    (legacy names + GQA = fake-head), unless declared."""
+    hf, fh = gqa_fakehead
+    assert NeoxCheckpoint(fh).qkv_layout == "gqa_fakehead"
+    assert NeoxCheckpoint(fh, qkv_layout="gqa_blocked").qkv_layout == "gqa_blocked"
+    legacy = tmp_path / "legacy"
+    convert(hf, legacy, to="neox", tp=2, schema="legacy")
+    (next(legacy.glob("global_step*")) / "neoxconv.json").unlink()
+    ck = NeoxCheckpoint(legacy)
+    assert (ck.schema, ck.qkv_layout) == ("legacy", "gqa_fakehead")
+    assert run_parity(hf, legacy, tokens=16).passed
 
 
 def test_verify_refuses_a_foreign_parity_failed_dir(tmp_path):

@@ -21,7 +21,7 @@ import torch
 
 from neoxconv import archs
 from neoxconv.convert import convert
-from neoxconv.parity_run import NUMERIC_FIELDS, run_parity
+from neoxconv.parity import NUMERIC_FIELDS, run_parity
 from neoxconv.tiny import tiny_hf_model
 
 torch.set_num_threads(2)

@@ -32,7 +32,7 @@ import torch
 from fixtures import corrupt
 from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
 from neoxconv.convert import convert
-from neoxconv.parity_run import run_parity
+from neoxconv.parity import run_parity
 from neoxconv.tiny import tiny_hf_model
 
 torch.set_num_threads(2)

@@ -15,8 +15,10 @@ move logits by >= 0.4 (most by O(1)); WRONG_MIN = 1e-2 is the margin asserted.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +45,7 @@ from neoxconv.reference import (  # noqa: E402
     make_batch,
     meta_reference_logits,
     neox_reference_logits,
+    open_meta,
     run_distributed,
 )
 
@@ -470,6 +473,47 @@ def test_attention_types_expansion():
             attention_types(bad, 2)
 
 
+class _Recording:
+    """A source handing out fresh copies and noting which earlier ones are still alive."""
+
+    def __init__(self, src):
+        self.src, self.tp, self.num_layers, self.args, self.qkv_layout = src, src.tp, src.num_layers, src.args, \
+            src.qkv_layout
+        self.order, self.refs, self.alive_at_fetch = [], [], []
+
+    def rank_states(self, idx):
+        self.alive_at_fetch.append(sum(r() is not None for r in self.refs))
+        states = [{k: v.clone() for k, v in st.items()} for st in self.src.rank_states(idx)]
+        self.refs += [weakref.ref(v) for st in states for v in st.values()]
+        self.order.append(idx)
+        return states
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_forward_streams_one_spec_index_at_a_time(llama_mha, tied):
+    """Every spec index is released before the next is fetched (nothing is kept: the tied head
+    fetches the embedding again), and the logits are those of the plain source."""
+    model = make_llama(kv=8, tied=True) if tied else llama_mha
+    src = llama_to_neox(model, 2, "mha_interleaved")
+    rec = _Recording(src)
+    toks = tokens()
+    out = neox_reference_logits(rec, toks)
+    L = src.num_layers
+    assert rec.order == [0, *range(2, L + 2), L + 3, 0 if tied else L + 4]
+    assert rec.alive_at_fetch == [0] * len(rec.order)
+    torch.testing.assert_close(out, neox_reference_logits(src, toks), atol=0, rtol=0)
+
+
+def test_reference_refuses_a_converter_files_object(tmp_path, neox_parallel):
+    """NeoxFiles may carry a QKV layout a converter set on it; the reference reads its own
+    (NeoxCheckpoint), so a NeoxFiles object is refused."""
+    from neoxconv.formats.neox_files import NeoxFiles
+
+    files = NeoxFiles(tmp_path, "pipeline", 1, 1, 0, {"num_attention_heads": 4}, [], [0])
+    with pytest.raises(TypeError, match="NeoxCheckpoint"):
+        neox_reference_logits(files, tokens())
+
+
 def test_model_module_matches_streaming(neox_parallel):
     src = gptneox_to_neox(neox_parallel, 2)
     toks = tokens()
@@ -789,6 +833,23 @@ def test_meta_forward_casts_per_layer(llama_gqa):
     out = meta_reference_logits(low, params, toks, dtype=torch.float32)
     assert all(v.dtype == torch.bfloat16 for sh in low for v in sh.values())
     torch.testing.assert_close(out, meta_reference_logits(up, params, toks), atol=0, rtol=0)
+
+
+def test_meta_forward_from_files_equals_in_memory_shards(llama_gqa, tmp_path):
+    """open_meta: the shards memory-mapped as stored and cast layer by layer give exactly the
+    logits of the same shards held in memory."""
+    meta, params = hf_llama_to_meta(llama_gqa, 2, 0)
+    for r, sh in enumerate(meta):
+        torch.save(sh, tmp_path / f"consolidated.{r:02d}.pth")
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    shards, read = open_meta(tmp_path)
+    assert read == params and [sorted(sh) for sh in shards] == [sorted(sh) for sh in meta]
+    toks = tokens()
+    torch.testing.assert_close(meta_reference_logits(shards, read, toks), meta_reference_logits(meta, params, toks),
+                               atol=0, rtol=0)
+    (tmp_path / "consolidated.00.pth").unlink()
+    with pytest.raises(NeoxconvError, match="consolidated.00.pth"):
+        open_meta(tmp_path)
 
 
 def test_meta_forward_detects_missing_permutation(llama_gqa):

@@ -196,14 +196,12 @@ def test_families_agree_on_every_shared_tensor():
 
 def test_no_role_is_guessed_from_a_name():
     """0.1.0 called anything with "norm" in its name replicated; an undeclared tensor now has no role."""
-    from neoxconv import reshard
+    from neoxconv.roles import ROW_BIAS
 
     for name in ("layers.0.attn.q_norm.weight", "layers.0.mlp.o.weight", "embed.bias"):
         with pytest.raises(KeyError):
             archs.role_of(name)
-        with pytest.raises(KeyError):
-            reshard.role_of(name)
-    assert reshard.role_of("layers.3.attn.o.bias") == "row_bias"
+    assert archs.role_of("layers.3.attn.o.bias") is ROW_BIAS
 
 
 @pytest.mark.parametrize("family", archs.families())

@@ -25,15 +25,14 @@ import torch.nn.functional as F
 from fixtures.factories import save_hf, tiny_hf_model
 from neoxconv import archs
 from neoxconv.convert import convert
-from neoxconv.reference import SimulatedGroup, make_batch
+from neoxconv.reference import NeoxCheckpoint, SimulatedGroup, make_batch
 from neoxconv.reference.train import (
-    LocalShards,
     column_parallel_linear,
     row_parallel_linear,
     vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
 )
-from neoxconv.reference.train_check import TrainCheckOptions, run_train_checks
+from neoxconv.traincheck import TrainCheckOptions, run_train_checks
 
 torch.set_num_threads(2)
 
@@ -185,9 +184,8 @@ def test_each_rank_opens_only_its_own_files(ckpts, monkeypatch):
         read: list[str] = []
         real = nf_mod.load_pickle
         monkeypatch.setattr(nf_mod, "load_pickle", lambda p: (read.append(Path(p).name), real(p))[1])
-        files = nf_mod.open_neox(ckpts[name][2], ranks=(1,))
-        src = LocalShards(files, (1,), "mha_interleaved")
-        states = {i: src.rank_states(i) for i in files.indices}
+        src = NeoxCheckpoint(ckpts[name][2], ranks=(1,))
+        states = {i: src.rank_states(i) for i in src.files.indices}
         monkeypatch.setattr(nf_mod, "load_pickle", real)
         assert all(s[0] is None and s[1] for s in states.values())
         assert read and all(("model_01" in n) or n == "mp_rank_01_model_states.pt" for n in read), read

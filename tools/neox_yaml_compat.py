@@ -47,7 +47,7 @@ def arg_names(repo: Path, commit: str, tmp: Path) -> set[str]:
 
 def yaml_keys(family: str, schema: str, tmp: Path, **overrides) -> set[str]:
     from neoxconv.convert import convert
-    from neoxconv.formats.neox_config import read_configs
+    from neoxconv.formats.neox_args import read_configs
     from neoxconv.tiny import tiny_hf_model
 
     name = f"{family}-{schema}-{len(list(tmp.iterdir()))}"

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from neoxconv.errors import NeoxconvError
-from neoxconv.formats.neox_config import find_config_files, read_configs
+from neoxconv.formats.neox_args import find_config_files, read_configs
 from neoxconv.io import load_pickle
 
 SIDECAR = "neoxconv.json"
@@ -77,7 +77,7 @@ class NeoxFiles:
     _rank_files: list[Path] | None = field(default=None, repr=False)  # sequential, per rank
     _cache: tuple[int, list[dict]] | None = field(default=None, repr=False)
     num_layers: int = 0
-    qkv_layout: str = "mha_interleaved"  # set by the adapter once heads are known
+    qkv_layout: str = "mha_interleaved"  # the converter's reading (formats/neox.py); the proof never reads it
 
     def rank_states(self, idx: int) -> list[dict[str, torch.Tensor]]:
         """Tensors of spec index `idx`, one dict per TP rank, names without `sequential.N.`."""

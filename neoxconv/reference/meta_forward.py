@@ -15,23 +15,49 @@ no merging of the shards (each model-parallel shard is one rank of a :class:`.Ra
   times weight. Causal attention scaled 1/sqrt(d), softmax in fp32. FFN w2(silu(w1 x)·w3 x).
 * ``rope.freqs`` is ignored. Llama-3.1 ``use_scaled_rope`` is not implemented (raises).
 
+Streaming: the shards are memory-mapped as stored (:func:`open_meta`); every layer's tensors are
+taken from them, cast to the compute dtype, used and dropped, so memory holds one layer in the
+compute dtype plus activations (mapped file pages are page cache, not owned memory).
+
 Returns fp32 logits [b, s, V] (V = rows of ``output`` over all shards).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import NeoxconvError
+from ..io import load_pickle, read_json
 from . import ops
 from .neox_semantics import UnsupportedNeoxFeature
 from .ranks import RankGroup, SimulatedGroup
 
-__all__ = ["meta_reference_logits", "meta_embedding_split_dim"]
+__all__ = ["meta_reference_logits", "meta_embedding_split_dim", "open_meta"]
+
+_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def open_meta(path: str | Path) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """A Meta Llama directory as stored: its ``consolidated.XX.pth`` shards memory-mapped (no
+    tensor data is read until a layer uses it) and ``params.json``."""
+    path = Path(path)
+    files = sorted((int(m[1]), p) for p in path.iterdir() if (m := _SHARD.match(p.name)))
+    if [i for i, _ in files] != list(range(len(files))) or not files:
+        raise NeoxconvError(f"{path}: expected consolidated.00.pth .. consolidated.NN.pth, found "
+                            f"{[p.name for _, p in files] or 'none'}")
+    shards = []
+    for _, p in files:
+        sd = load_pickle(p)
+        if not isinstance(sd, dict):
+            raise NeoxconvError(f"{p}: expected a dict of tensors")
+        shards.append(sd)
+    return shards, read_json(path / "params.json")
 
 
 def meta_embedding_split_dim(shards: Sequence[Mapping[str, torch.Tensor]], dim: int) -> int | None:

@@ -19,7 +19,7 @@ TP building blocks (each takes one tensor per *local* rank, see :mod:`.ranks`; w
 * :func:`vocab_parallel_cross_entropy` -- three all-reduces: max (for stability), sum of exp,
   target logit; the loss is ``log Σ exp(z - m) - (z_t - m)``, replicated on every rank.
 
-The transformer layers themselves are :func:`.neox_forward._layer`, which composes exactly these
+The transformer layers themselves are :func:`.neox_layers.layer`, which composes exactly these
 pairs (and NeoX's reduce-after-bias under a parallel residual), so parity checks and training
 run one code path.
 
@@ -51,22 +51,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import NeoxconvError
-from . import ops
-from .neox_forward import (
-    _IGNORED_SUFFIXES,
-    NeoxReferenceModel,
-    ReferenceOptions,
-    _check_keys,
-    _layer,
-    _norm,
-    _Run,
-    spec_indices,
-)
+from .neox_checkpoint import NeoxCheckpoint
+from .neox_forward import spec_indices
+from .neox_layers import IGNORED_SUFFIXES, ReferenceOptions, check_keys, final_norm, layer, make_run
+from .neox_model import NeoxReferenceModel
 from .ranks import DistributedGroup, RankGroup, SimulatedGroup
 
 __all__ = [
     "PARTIAL_SUM_BIASES",
-    "LocalShards",
     "NeoxTrainModel",
     "all_reduce_max",
     "column_parallel_linear",
@@ -185,40 +177,8 @@ def vocab_parallel_cross_entropy(
 
 
 # --------------------------------------------------------------------------------------------
-# Loading only the local ranks' shards, and the trainable model
+# The trainable model (its source: a NeoxCheckpoint opened with ranks=(this rank,))
 # --------------------------------------------------------------------------------------------
-
-
-class LocalShards:
-    """A :class:`.NeoxShardSource` over a :class:`NeoxFiles` that reads only ``ranks``' files.
-
-    ``rank_states(idx)`` returns one entry per TP rank, ``None`` for ranks this process does not
-    hold (the model selects its local ranks). Open the files with ``open_neox(..., ranks=...)``
-    so that opening reads nothing else either. Remembers each tensor's stored dtype for saving.
-    """
-
-    def __init__(self, files, ranks: Sequence[int], qkv_layout: str):
-        self.files = files
-        self.ranks = tuple(ranks)
-        self.tp = files.tp
-        self.num_layers = files.num_layers
-        self.args = files.args
-        self.qkv_layout = qkv_layout
-        self.dtypes: dict[tuple[int, int, str], torch.dtype] = {}
-
-    def rank_states(self, spec_idx: int) -> list[dict[str, torch.Tensor] | None]:
-        out: list[dict[str, torch.Tensor] | None] = []
-        for r in range(self.tp):
-            if r not in self.ranks:
-                out.append(None)
-                continue
-            try:
-                st = self.files.rank_state(spec_idx, r)
-            except KeyError:
-                raise NeoxconvError(f"{self.files.tag_dir}: no pipeline spec index {spec_idx}") from None
-            self.dtypes.update({(spec_idx, r, k): v.dtype for k, v in st.items()})
-            out.append(st)
-        return out
 
 
 class NeoxTrainModel(NeoxReferenceModel):
@@ -230,7 +190,7 @@ class NeoxTrainModel(NeoxReferenceModel):
         for spec_idx in self.spec_idx:
             for r in self.group.local_ranks:
                 for name, p in self.rank_state(spec_idx, r).items():
-                    if name.endswith(_IGNORED_SUFFIXES):
+                    if name.endswith(IGNORED_SUFFIXES):
                         p.requires_grad_(False)  # buffers (inv_freq) are stored, never trained
 
     # -- forward ------------------------------------------------------------------------------
@@ -241,29 +201,17 @@ class NeoxTrainModel(NeoxReferenceModel):
         group, sem = self.group, self.semantics
         idx = spec_indices(self.num_layers, sem.tied_embeddings)
         tokens = tokens.to(group.device)
-        emb = self._fetch(idx["embed"])
-        emb_w = [st["word_embeddings.weight"] for st in emb]
-        dtype = self.dtype or emb_w[0].dtype
-        hidden = emb_w[0].shape[1]
-        if sem.hidden_size is not None and sem.hidden_size != hidden:
-            raise NeoxconvError(f"config hidden_size {sem.hidden_size} != embedding width {hidden}")
-        head_dim = sem.head_dim(hidden)
-        seq = tokens.shape[1]
-        cos, sin = ops.rotary_cos_sin(seq, sem.rotary_dims(head_dim), sem.rotary_base, dtype, group.device)
-        mask = ops.causal_mask(seq, sem.sliding_window, self.options.sliding_window_convention, group.device)
-        run = _Run(group, sem, dtype, head_dim, cos, sin, mask, self.options)
-
+        emb_w = [st["word_embeddings.weight"] for st in self.local_states(idx["embed"])]
+        run = make_run(group, sem, tokens.shape[1], emb_w[0].shape[1], self.dtype or emb_w[0].dtype, self.options,
+                       self.num_layers)
         xs = vocab_parallel_embedding(group, tokens, emb_w)
-        for spec_idx in idx["layers"]:
-            states = self._fetch(spec_idx)
-            _check_keys(states, spec_idx)
-            xs = _layer(run, xs, states)
-        normed = [_norm(run, x, st, "norm") for x, st in zip(xs, self._fetch(idx["final_norm"]))]
-        if sem.tied_embeddings:
-            head = emb_w
-        else:
-            head = [st["final_linear.weight"] for st in self._fetch(idx["head"])]
-        return column_parallel_linear(group, normed, head)
+        for i, spec_idx in enumerate(idx["layers"]):
+            states = self.local_states(spec_idx)
+            check_keys(states, spec_idx)
+            xs = layer(run, xs, states, i)
+        normed = final_norm(run, xs, self.local_states(idx["final_norm"]))
+        name = "word_embeddings.weight" if sem.tied_embeddings else "final_linear.weight"
+        return column_parallel_linear(group, normed, [st[name] for st in self.local_states(idx["head"])])
 
     def lm_loss(self, tokens: torch.Tensor, vocab_limit: int | None = None) -> list[torch.Tensor]:
         """Next-token loss (mean over ``b·(s-1)`` positions), one replica per local rank.
@@ -376,12 +324,13 @@ def param_value(optimizer, p: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _stored(model: NeoxTrainModel, source: LocalShards, spec_idx: int, rank: int, optimizer) -> dict[str, torch.Tensor]:
+def _stored(model: NeoxTrainModel, source: NeoxCheckpoint, spec_idx: int, rank: int,
+            optimizer) -> dict[str, torch.Tensor]:
     from ..io import owned
 
     out = {}
     for name, p in model.rank_state(spec_idx, rank).items():
-        dtype = source.dtypes.get((spec_idx, rank, name), p.dtype)
+        dtype = source.stored_dtypes.get((spec_idx, rank, name), p.dtype)
         out[name] = owned(param_value(optimizer, p).detach().to(device="cpu", dtype=dtype))
     return out
 
@@ -397,7 +346,7 @@ def _mp_state(state: dict, module, iteration: int) -> dict:
     return state
 
 
-def write_rank_shards(model: NeoxTrainModel, source: LocalShards, tag_dir: Path, iteration: int,
+def write_rank_shards(model: NeoxTrainModel, source: NeoxCheckpoint, tag_dir: Path, iteration: int,
                       optimizer=None) -> list[Path]:
     """Write this process's ranks' files into ``tag_dir``: ``layer_XX-model_RR`` files (pipeline)
     or its ``mp_rank_RR`` file (sequential, the source's dict with the new module). Tensors (fp32
