@@ -85,7 +85,7 @@ def select_steps(available: dict[int, Path], spec: str, where: object) -> list[i
 
 def step_args(step_dir: Path) -> dict:
     """The merged NeoX config of a step (underscore keys), {} without configs."""
-    from neoxconv.formats.neox_config import find_config_files, read_configs
+    from neoxconv.formats.neox_args import find_config_files, read_configs
 
     files = find_config_files(Path(step_dir))
     return read_configs(files)[0] if files else {}
@@ -94,7 +94,7 @@ def step_args(step_dir: Path) -> dict:
 def source_files(step_dir: Path) -> dict[str, Path]:
     """What the conversion of ``step_dir`` reads, by a name stable across machines: files of the
     step by their path inside it, the configs relative to it, the tokenizer as ``tokenizer:NAME``."""
-    from neoxconv.formats.neox_config import find_config_files
+    from neoxconv.formats.neox_args import find_config_files
     from neoxconv.formats.neox_files import LAYER_FILE, MP_FILE, SIDECAR
     from neoxconv.tokenizer import find_neox_tokenizer
 
