@@ -34,6 +34,9 @@ TokenizerOpt = Annotated[Optional[Path], typer.Option(
                         "(default: the source's own, e.g. the NeoX config's vocab-file or the HF dir's tokenizer).")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Load pickled inputs with full unpickling (can run code: only for files you trust).")]
+FiniteOpt = Annotated[bool, typer.Option(
+    "--check-finite", help="Scan every tensor of the input for NaN/Inf before writing (reads all data once more); "
+                           "one is an error naming tensor, rank and file.")]
 VerifyOpt = Annotated[bool, typer.Option(
     "--verify", help="After writing, check logit parity of OUT against the source (fp32); on failure exit 1 and "
                      "move the output to OUT.parity-failed/ (report inside). See docs/parity.md.")]
@@ -89,11 +92,13 @@ def _progress(total: int, what: str):
     return prog, step
 
 
-def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False, **kw) -> dict:
+def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False,
+                    check_finite: bool = False, **kw) -> dict:
     from neoxconv.convert import convert
-    from neoxconv.io import set_trust_pickle
+    from neoxconv.io import set_check_finite, set_trust_pickle
 
     set_trust_pickle(trust_pickle)
+    set_check_finite(check_finite)
     holder: dict = {}
     if verify:  # parity of the finished temp dir against the source, before it lands at OUT
         from neoxconv.parity_run import verifier
@@ -149,13 +154,15 @@ def neox_to_hf(
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
 ) -> None:
     """Export a GPT-NeoX checkpoint (pipeline or sequential layout, any TP/PP) to Hugging Face."""
     from neoxconv.io import parse_size
 
     _run_conversion(ckpt, out, "hf", trust_pickle, src_format="neox", config_files=config, family=_family(arch),
                     qkv_layout=qkv_layout, force=force, dtype=dtype, max_shard_size=parse_size(max_shard_size),
-                    trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, verify=verify)
+                    trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, verify=verify,
+                    check_finite=check_finite)
     if push_to_hub:
         from neoxconv.upload import upload_command
 
@@ -178,11 +185,12 @@ def hf_to_neox(
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
 ) -> None:
     """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP (the tokenizer is copied beside it)."""
     _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch), qkv_layout=qkv_layout,
                     force=force, dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema,
-                    vocab_multiple=vocab_multiple, tokenizer=tokenizer, verify=verify)
+                    vocab_multiple=vocab_multiple, tokenizer=tokenizer, verify=verify, check_finite=check_finite)
 
 
 @app.command("llama-to-neox")
@@ -200,11 +208,12 @@ def llama_to_neox(
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
 ) -> None:
     """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
     _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=qkv_layout, force=force,
                     dtype=dtype, tp=tp, pp=pp, layout=layout, schema=neox_schema, vocab_multiple=vocab_multiple,
-                    tokenizer=tokenizer, verify=verify)
+                    tokenizer=tokenizer, verify=verify, check_finite=check_finite)
 
 
 @app.command("convert")
@@ -233,6 +242,7 @@ def convert_cmd(
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
 ) -> None:
     """Convert any supported checkpoint to any target, including NeoX → NeoX resharding."""
     from neoxconv.errors import NeoxconvError
@@ -249,7 +259,7 @@ def convert_cmd(
     else:
         raise NeoxconvError(f"unknown --to {to!r} (use neox, hf or meta)")
     _run_conversion(src, out, to, trust_pickle, config_files=config, family=_family(arch), qkv_layout=qkv_layout,
-                    force=force, dtype=dtype, tokenizer=tokenizer, verify=verify, **opts)
+                    force=force, dtype=dtype, tokenizer=tokenizer, verify=verify, check_finite=check_finite, **opts)
 
 
 @app.command("parity")
@@ -347,12 +357,15 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
     config: ConfigOpt = None,
     trust_pickle: TrustOpt = False,
+    check_finite: Annotated[bool, typer.Option(
+        "--check-finite", help="Also read all tensor data and fail (exit 2) on NaN/Inf, naming tensor, rank and file.")] = False,
 ) -> None:
     """Show format, layout, TP/PP, architecture, dtype, parameter count and the tensors."""
     from neoxconv.inspect import describe, render
-    from neoxconv.io import set_trust_pickle
+    from neoxconv.io import set_check_finite, set_trust_pickle
 
     set_trust_pickle(trust_pickle)
+    set_check_finite(check_finite)
     info = describe(path, config_files=config)
     if as_json:
         import json
@@ -360,6 +373,30 @@ def inspect_cmd(
         print(json.dumps(info, indent=2))
     else:
         render(info, out_console)
+
+
+@app.command("verify")
+def verify_cmd(
+    path: Annotated[Path, typer.Argument(help="A checkpoint directory of any supported format.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    config: ConfigOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Check a checkpoint on disk: files present and readable, headers, shapes across ranks and against the config,
+    finite values, and the sha256 of every file where neoxconv wrote a manifest. Exit 0 sound, 1 damaged,
+    2 unreadable."""
+    from neoxconv.io import set_trust_pickle
+    from neoxconv.verify import render, verify
+
+    set_trust_pickle(trust_pickle)
+    report = verify(path, config_files=config)
+    if as_json:
+        import json
+
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render(report, out_console)
+    raise typer.Exit(report.exit_code)
 
 
 @app.command("upload")
@@ -392,8 +429,18 @@ def demo_cmd(
     raise typer.Exit(0 if ok else 1)
 
 
+def _click_exceptions():
+    """The exception module of the click that typer runs on. typer >= 0.24 vendors click as
+    `typer._click`, whose UsageError is not the separately installed `click`'s: matching on
+    `click.exceptions` turned every usage mistake into an "internal error" (exit 3)."""
+    import importlib
+
+    return importlib.import_module(typer.BadParameter.__module__)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    clicks = _click_exceptions()
     try:
         rc = app(standalone_mode=False)
     except SystemExit:
@@ -403,19 +450,16 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("[red]aborted[/red]")
         sys.exit(130)
+    except clicks.ClickException as e:  # usage errors: usage line, --help hint, exit 2
+        if debug:
+            console.print_exception()
+        e.show()
+        sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the top level turns every error into one line
-        import click
-
         from neoxconv.errors import NeoxconvError
 
         if debug:
             console.print_exception()
-        if isinstance(e, click.exceptions.UsageError):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
         if isinstance(e, NeoxconvError):
             console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)

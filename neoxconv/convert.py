@@ -28,10 +28,13 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
 
     HF outputs also get the tokenizer and a model card; NeoX outputs a copy of the tokenizer
     that the written YAML points at (neoxconv.publish). `after_write(tmp, result)` runs on the
-    finished temporary directory before it is renamed into place (the --verify hook).
+    finished temporary directory before it is renamed into place (the --verify hook). The last
+    step hashes every output file into neoxconv-manifest.json (`neoxconv verify` checks it).
     """
     from neoxconv import graph
     from neoxconv.io import atomic_output_dir
+    from neoxconv.manifest import write_manifest
+    from neoxconv.validate import check_neox
 
     src, out = Path(src), Path(out)
     if out.exists() and not force:
@@ -41,6 +44,7 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         raise NeoxconvError(f"{out}: output must not be the source, inside it, or contain it")
     ckpt = graph.read(src, fmt=src_format, config_files=config_files, family=family,
                       qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
+    check_neox(ckpt)  # NeoX sources: every stored shape against the spec, before anything is written
     if on_read:
         on_read(ckpt)
     if to == "neox" and (qkv_layout or "out_qkv_layout" in write_opts):
@@ -52,7 +56,7 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
     from neoxconv import publish
 
     with atomic_output_dir(out, force=force) as tmp:
-        warnings: list[str] = []
+        warnings: list[str] = source_warnings(ckpt)
         if to == "neox":
             write_opts["extra_yaml"] = {**publish.neox_tokenizer_yaml(tmp, out, ckpt, tokenizer, warnings=warnings),
                                         **write_opts.get("extra_yaml", {})}
@@ -63,4 +67,16 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
             publish.finish_hf_export(tmp, ckpt, result, tokenizer)
         if after_write:
             after_write(tmp, result)
+        write_manifest(tmp)  # last: size and sha256 of every output file, for `neoxconv verify`
     return result
+
+
+def source_warnings(ckpt) -> list[str]:
+    """What reading the source found that the user should know (NeoX: replicated copies that
+    drifted apart across TP ranks beyond rounding)."""
+    from neoxconv.formats.neox_files import drift_warning
+
+    nf = ckpt.info.get("files")
+    text = drift_warning(nf) if nf is not None and ckpt.info.get("format") == "neox" else None
+    return [text] if text else []
+
