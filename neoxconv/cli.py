@@ -466,6 +466,8 @@ def main() -> None:
         console.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (run with --debug for a traceback)",
                       highlight=False, soft_wrap=True)
         sys.exit(3)
+    if rc == 130:  # typer turns Ctrl-C inside a command into exit code 130
+        console.print("[red]aborted[/red]")
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

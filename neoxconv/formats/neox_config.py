@@ -36,16 +36,32 @@ def normalise(raw: dict, where: Path) -> dict:
     return out
 
 
+# Keys that must hold numbers (or nothing): a string there is refused by name, not met later
+# as a crash in int()/float().
+INT_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "model_parallel_size",
+            "pipe_parallel_size", "max_position_embeddings", "seq_length", "make_vocab_size_divisible_by",
+            "intermediate_size", "mlp_multiple_of", "sliding_window_width", "moe_num_experts")
+FLOAT_KEYS = ("rotary_pct", "rotary_emb_base", "layernorm_epsilon", "rms_norm_epsilon")
+
+
+def _check_types(merged: dict, origin: dict[str, Path]) -> None:
+    for keys, kinds, what in ((INT_KEYS, (int,), "an integer"), (FLOAT_KEYS, (int, float), "a number")):
+        for k in keys:
+            v = merged.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
+                raise NeoxconvError(f"{origin[k]}: {k.replace('_', '-')} must be {what}, got {v!r}")
+
+
 def read_configs(files: list[Path]) -> tuple[dict, list[Path]]:
     """Merge NeoX YAML files; conflicting values are an error naming both files."""
     merged: dict = {}
     origin: dict[str, Path] = {}
     for f in files:
         try:
-            raw = yaml.safe_load(Path(f).read_text()) or {}
+            raw = yaml.safe_load(Path(f).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise NeoxconvError(f"{f}: config file not found") from None
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise NeoxconvError(f"{f}: invalid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise NeoxconvError(f"{f}: a NeoX config must be a YAML mapping")
@@ -54,6 +70,7 @@ def read_configs(files: list[Path]) -> tuple[dict, list[Path]]:
                 raise NeoxconvError(f"{f}: {k} = {v!r} conflicts with {merged[k]!r} in {origin[k]}")
             merged[k] = v
             origin.setdefault(k, Path(f))
+    _check_types(merged, origin)
     return merged, list(files)
 
 
