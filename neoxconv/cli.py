@@ -442,7 +442,7 @@ def main() -> None:
     debug = "--debug" in sys.argv[1:]
     clicks = _click_exceptions()
     try:
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="neoxconv")
     except SystemExit:
         raise
     except typer.Exit as e:

@@ -149,3 +149,41 @@ def test_version():
 
     r = run("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"neoxconv {__version__}"
+
+
+# -- usage mistakes are usage errors (exit 2, usage line, --help hint), never "internal error" ---
+
+
+@pytest.mark.parametrize("args, message", [
+    (["frobnicate"], "Error: No such command 'frobnicate'."),
+    (["neox-to-hf"], "Error: Missing argument"),
+    (["hf-to-neox", "a", "b", "--tp", "abc"], "Error: Invalid value for '--tp'"),
+    (["convert", "a", "b"], "Error: Missing option '--to'."),
+    (["verify", "x", "--bogus"], "Error: No such option: --bogus"),
+])
+def test_usage_errors(args, message):
+    from fixtures.pristine import run_cli
+
+    code, _, err = run_cli(*args)
+    assert code == 2, err
+    assert err.startswith(f"Usage: neoxconv {args[0] if args[0] != 'frobnicate' else ''}".rstrip())
+    assert "for help." in err and message in err and "internal error" not in err
+
+
+def test_bad_choice_values_are_one_line_errors(tmp_path, hf_dir):
+    from fixtures.pristine import run_cli
+
+    for args, message in ((["convert", hf_dir, tmp_path / "o", "--to", "xyz"], "unknown --to 'xyz'"),
+                          (["hf-to-neox", hf_dir, tmp_path / "o", "--layout", "diagonal"], "unknown layout 'diagonal'"),
+                          (["convert", hf_dir, tmp_path / "o", "--to", "hf", "--dtype", "fp8"], "unknown --dtype 'fp8'")):
+        code, _, err = run_cli(*args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
+        assert not (tmp_path / "o").exists()
+
+
+def test_usage_error_in_a_real_process():
+    r = run("frobnicate")
+    assert r.returncode == 2 and "Try 'neoxconv --help' for help." in r.stderr and "internal error" not in r.stderr
+    r = run()
+    assert r.returncode == 2 and "Commands" in r.stderr + r.stdout  # bare `neoxconv` shows the help

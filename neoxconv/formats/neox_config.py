@@ -71,7 +71,9 @@ def read_configs(files: list[Path]) -> tuple[dict, list[Path]]:
             merged[k] = v
             origin.setdefault(k, Path(f))
     _check_types(merged, origin)
-    return merged, list(files)
+    # A key set to null is a key not given (NeoX's defaults are mostly None): `num-layers:` with
+    # nothing after it then reads as missing, never as int(None).
+    return {k: v for k, v in merged.items() if v is not None}, list(files)
 
 
 def find_config_files(tag_dir: Path) -> list[Path]:
