@@ -85,8 +85,7 @@ def inside(root: Path, ref: object, what: str) -> Path:
     """
     text = str(ref) if isinstance(ref, str) else None
     ref_path = PurePosixPath(text) if text else None
-    if ref_path is None or "\0" in text or ref_path.is_absolute() or ".." in ref_path.parts \
-            or not ref_path.parts or text.strip() != text:
+    if ref_path is None or "\0" in text or ref_path.is_absolute() or ".." in ref_path.parts or not ref_path.parts:
         raise DamagedInput(f"{what} names {ref!r}, which is not a path inside {root} "
                            "(expected a relative name without '..')")
     return Path(root) / ref_path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import re
 import resource
 import signal
@@ -448,3 +447,36 @@ def test_process_killed_mid_write(pristine, tmp_path):
     assert [p.name.startswith(".out.partial-") for p in left] == [True]
     code, text_out, _ = run_cli("verify", left[0])
     assert code == 1 and "DAMAGED" in text_out, text_out
+
+
+# -- what stays allowed --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref, ok", [("model-00001-of-00002.safetensors", True), ("sub/dir/x.safetensors", True),
+                                     ("./x", True), ("../x", False), ("a/../../x", False), ("/etc/passwd", False),
+                                     ("", False), (".", False), (7, False), (None, False)])
+def test_reference_rule(ref, ok, tmp_path):
+    from neoxconv.errors import DamagedInput
+    from neoxconv.io import inside
+
+    if ok:
+        assert inside(tmp_path, ref, "index") == tmp_path / ref
+    else:
+        with pytest.raises(DamagedInput, match=r"index names .*, which is not a path inside"):
+            inside(tmp_path, ref, "index")
+
+
+def test_hf_cache_symlinks_stay_allowed(pristine, tmp_path):
+    """The HF cache layout: snapshots/REV/<file> -> ../../blobs/<sha>, outside the snapshot dir."""
+    cache = tmp_path / "models--tiny"
+    snap, blobs = cache / "snapshots" / "abc123", cache / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sorted(pristine["hf_sharded"].iterdir()):
+        (blobs / f"sha-{f.name}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / f"sha-{f.name}")
+    out = tmp_path / "neox"
+    code, _, err = run_cli("hf-to-neox", snap, out, "--tp", "2")
+    assert code == 0, err
+    code, text_out, _ = run_cli("verify", snap)
+    assert code == 0 and text_out.startswith("SOUND"), text_out

@@ -215,3 +215,12 @@ def test_drifted_norms_warn_with_numbers(tmp_path):
 def test_equal_norm_copies_give_no_warning(pristine, tmp_path):
     code, _, err = run_cli("neox-to-hf", pristine["neox"], tmp_path / "hf")
     assert code == 0 and "WARNING" not in err, err
+
+
+def test_inspect_shows_the_manifest_and_verify_renders(outputs):
+    code, out, _ = run_cli("inspect", outputs["hf"], "--json")
+    info = json.loads(out)
+    assert code == 0 and info["manifest"]["files"] == 4 and info["manifest"]["neoxconv"]
+    assert info["manifest"]["bytes"] == sum(e["size"] for e in json.loads((outputs["hf"] / NAME).read_text())["files"].values())
+    code, out, _ = run_cli("verify", outputs["meta"])
+    assert code == 0 and out.startswith(f"SOUND {outputs['meta']} (meta, ") and "files in the manifest" in out
