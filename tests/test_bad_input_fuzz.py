@@ -3,7 +3,7 @@ checkpoint, then one conversion in-process. Every run must end in a clean error 
 one line on stderr, nothing at OUT) or a complete conversion (exit 0, OUT with its manifest):
 never a traceback or "internal error" (exit 3), a hang, or a partial output.
 
-Bounded for CI: NEOXCONV_FUZZ_EXAMPLES examples per file type (default 12), 30 s per example at
+Bounded for CI: NEOXCONV_FUZZ_EXAMPLES examples per file type (default 10), 30 s per example at
 most. Run deeper locally with e.g. NEOXCONV_FUZZ_EXAMPLES=500.
 """
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from fixtures.pristine import no_output, run_cli
 
-EXAMPLES = int(os.environ.get("NEOXCONV_FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("NEOXCONV_FUZZ_EXAMPLES", "10"))
 TAG = "global_step1000"
 
 # file type -> (pristine checkpoint, file inside it, command)

@@ -67,7 +67,12 @@ def test_sound_output_verifies(outputs, name):
 def test_one_flipped_byte_in_any_file_is_damage(outputs, name, tmp_path):
     """With a manifest, a single flipped bit anywhere (tensor data included) is exit 1, naming the file."""
     src = outputs[name]
-    for i, rel in enumerate(sorted(json.loads((src / NAME).read_text())["files"])):
+    files = sorted(json.loads((src / NAME).read_text())["files"])
+    if name == "neox":  # one file of each kind: a layer on each rank, embedding, head, mp_rank, YAML, records
+        keep = {f"global_step0/layer_{n}-model_states.pt" for n in ("00-model_01", "03-model_00", "06-model_01")}
+        files = [f for f in files if not f.startswith("global_step0/layer_") or f in keep]
+        assert len(files) == 8, files
+    for i, rel in enumerate(files):
         copy = shutil.copytree(src, tmp_path / f"c{i}")
         flip(copy / rel)
         code, report = verify(copy)
