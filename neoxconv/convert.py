@@ -34,7 +34,7 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
     from neoxconv import graph
     from neoxconv.io import atomic_output_dir
     from neoxconv.manifest import write_manifest
-    from neoxconv.validate import check_neox
+    from neoxconv.validate import check as check_shapes
 
     src, out = Path(src), Path(out)
     if out.exists() and not force:
@@ -44,7 +44,7 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         raise NeoxconvError(f"{out}: output must not be the source, inside it, or contain it")
     ckpt = graph.read(src, fmt=src_format, config_files=config_files, family=family,
                       qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
-    check_neox(ckpt)  # NeoX sources: every stored shape against the spec, before anything is written
+    check_shapes(ckpt)  # every stored shape against the spec, before anything is written
     if on_read:
         on_read(ckpt)
     if to == "neox" and (qkv_layout or "out_qkv_layout" in write_opts):

@@ -1,4 +1,11 @@
-"""Spec-level checks of stored NeoX shards: does every tensor have the shape the ModelSpec implies?
+"""Spec-level checks: does every tensor have the shape the ModelSpec implies?
+
+`check(ckpt)` runs right after a reader (convert, verify): NeoX per stored rank (below), HF and
+Meta on the canonical tensors (`canonical_shapes`: every tensor whose shape the config fixes;
+HF and Meta readers take hidden size, MLP size and vocab rows from the tensors, so this catches
+one layer that disagrees with the others or with the head counts).
+
+NeoX, per stored rank:
 
 The storage layer (formats/neox_files.py) already proves that all TP ranks hold the same
 names, shapes and dtypes, and that every layer stores what the first layer stores. What it
@@ -92,6 +99,60 @@ def neox_mismatch(spec: ModelSpec, tp: int, schema: str, idx: int, shapes: dict[
         if name not in want and name not in _ANY_SHAPE and not name.endswith("._extra_state"):
             return f"unexpected tensor {name_of(name)} in {_what(spec, idx)}{on} ({why})"
     return None
+
+
+def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """{canonical name: shape} the spec implies (tensormap.py's table)."""
+    h, d, f, rows = spec.hidden, spec.head_dim, spec.intermediate, spec.vocab_rows
+    params = ("weight",) if spec.norm == "rmsnorm" else ("weight", "bias")
+    out: dict[str, tuple[int, ...]] = {"embed.weight": (rows, h)}
+    out.update({f"final_norm.{p}": (h,) for p in params})
+    if not spec.tied:
+        out["lm_head.weight"] = (rows, h)
+    for i in range(spec.layers):
+        layer = {f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in params}
+        layer.update({"attn.q.weight": (spec.heads * d, h), "attn.k.weight": (spec.kv_heads * d, h),
+                      "attn.v.weight": (spec.kv_heads * d, h), "attn.o.weight": (h, spec.heads * d),
+                      "mlp.up.weight": (f, h), "mlp.down.weight": (h, f)})
+        if spec.attn_bias:
+            layer.update({"attn.q.bias": (spec.heads * d,), "attn.k.bias": (spec.kv_heads * d,),
+                          "attn.v.bias": (spec.kv_heads * d,), "attn.o.bias": (h,)})
+        if spec.gated:
+            layer["mlp.gate.weight"] = (f, h)
+        if spec.mlp_bias:
+            layer.update({"mlp.up.bias": (f,), "mlp.down.bias": (h,), **({"mlp.gate.bias": (f,)} if spec.gated else {})})
+        out.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return out
+
+
+def check(ckpt) -> None:
+    """The spec-level check of a checkpoint just read: NeoX per stored rank, others canonically."""
+    if ckpt.info.get("format") == "neox" and ckpt.info.get("files") is not None:
+        check_neox(ckpt)
+    else:
+        check_canonical(ckpt)
+
+
+def check_canonical(ckpt) -> None:
+    """Every canonical tensor whose shape the spec fixes has that shape; every weight matrix the
+    spec implies exists. Raises DamagedInput naming the file(s), tensor, expected and found."""
+    from neoxconv.errors import DamagedInput
+    from neoxconv.tensormap import group_of
+
+    spec, want = ckpt.spec, canonical_shapes(ckpt.spec)
+    have = {name: tuple(ckpt.tensors[name].shape) for name in ckpt.tensors}
+    files = ckpt.info.get("group_files") or {}
+    path = ckpt.info.get("path", "")
+    default = f"{path}/consolidated.*.pth" if ckpt.info.get("format") == "meta" else path
+    why = (f"{spec.heads} heads, {spec.kv_heads} KV heads, hidden {spec.hidden}, MLP {spec.intermediate}, "
+           f"vocab rows {spec.vocab_rows}")
+    for name, shape in want.items():
+        where = ", ".join(files.get(group_of(name), [])) or default
+        if name not in have and name.endswith(".weight"):
+            raise DamagedInput(f"{where}: tensor {name} (canonical name) is missing ({why})")
+        if name in have and have[name] != shape:
+            raise DamagedInput(f"{where}: tensor {name} (canonical name) is {list(have[name])}, expected "
+                               f"{list(shape)} ({why})")
 
 
 def check_neox(ckpt) -> None:

@@ -100,7 +100,7 @@ def _check_manifest(path: Path, report: VerifyReport) -> None:
 def _check_contents(path: Path, config_files, report: VerifyReport) -> None:
     from neoxconv import graph
     from neoxconv.io import load_pickle
-    from neoxconv.validate import check_neox
+    from neoxconv.validate import check as check_shapes
 
     report.format = fmt = graph.detect(path)
     if fmt == "hf":  # JSON files beside the weights (tokenizer, generation config) must parse too
@@ -111,9 +111,9 @@ def _check_contents(path: Path, config_files, report: VerifyReport) -> None:
                 raise DamagedInput(f"{f}: does not parse as JSON ({e})") from None
     ckpt = graph.read(path, fmt=fmt, config_files=config_files)
     report.tensors = len(list(ckpt.tensors))
+    check_shapes(ckpt)
     if fmt != "neox":
         return
-    check_neox(ckpt)
     nf = ckpt.info["files"]
     if nf.layout == "pipeline":  # DeepSpeed's model-states files hold no weights here, but must load
         for f in sorted(nf.tag_dir.glob("mp_rank_*_model_states.pt")):

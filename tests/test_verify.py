@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
 from fixtures.pristine import NEOX_CFG, edit_pt, fresh, layer_file, run_cli
@@ -130,6 +131,14 @@ def test_foreign_checkpoints(pristine, tmp_path):
             edit_pt(layer_file(short, idx, r), lambda s: s.__setitem__("mlp.linear1.weight", s["mlp.linear1.weight"][1:].clone()))
     code, report = verify(short)
     assert code == 1 and "mlp.linear1.weight of layer 0 on TP rank 0 is [63, 32], expected [64, 32]" in report["problems"][0]
+    hf = fresh(pristine, "hf", tmp_path / "hf")  # HF and Meta: the canonical tensors against the spec
+    tensors = load_file(str(hf / "model.safetensors"))
+    tensors["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"] = tensors["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"][:, :60]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(hf / "model.safetensors"))
+    code, report = verify(hf)
+    assert code == 1 and report["problems"] == [
+        f"{hf / 'model.safetensors'}: tensor layers.1.mlp.down.weight (canonical name) is [32, 60], expected [32, 64] "
+        "(4 heads, 4 KV heads, hidden 32, MLP 64, vocab rows 100)"]
     truncated = fresh(pristine, "hf", tmp_path / "truncated")
     (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-4])
     code, report = verify(truncated)

@@ -153,7 +153,8 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
         return arch.to_canonical((heads, kv), store.get_many(by_group.get(group, [])))
 
     info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0, "hf_hidden_act": cfg.get("hidden_act"),
-            "vocab_known": real_vocab is not None}
+            "vocab_known": real_vocab is not None,
+            "group_files": {g: sorted({str(store.where[n]) for n in names}) for g, names in by_group.items()}}
     return Checkpoint(spec, TensorMap(metas, load), info)
 
 

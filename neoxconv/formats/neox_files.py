@@ -32,7 +32,7 @@ import torch
 
 from neoxconv.errors import DamagedInput, NeoxconvError
 from neoxconv.formats.neox_config import find_config_files, read_configs
-from neoxconv.io import check_finite, inside, load_pickle
+from neoxconv.io import check_finite, check_finite_enabled, inside, load_pickle
 
 SIDECAR = "neoxconv.json"
 QKV_LAYOUTS = ("mha_interleaved", "gqa_blocked", "gqa_fakehead")
@@ -162,7 +162,7 @@ class NeoxFiles:
     # -- storage checks ------------------------------------------------------------------------
 
     def _check_finite(self, idx: int, rank: int, state: dict) -> None:
-        if (idx, rank) in self._finite_done:
+        if not check_finite_enabled() or (idx, rank) in self._finite_done:
             return
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
