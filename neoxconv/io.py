@@ -57,15 +57,16 @@ def check_finite(t: torch.Tensor, file: object, tensor: str, rank: int | None = 
     if not _CHECK_FINITE or not t.is_floating_point() or t.device.type == "meta":
         return
     flat = t.detach().reshape(-1)
-    first, count = None, 0
-    for start in range(0, flat.numel(), _FINITE_CHUNK):
-        bad = ~torch.isfinite(flat[start:start + _FINITE_CHUNK])
+    starts = range(0, flat.numel(), _FINITE_CHUNK)
+    if all(bool(torch.isfinite(flat[s:s + _FINITE_CHUNK]).all()) for s in starts):
+        return
+    count, first = 0, None  # the error path: how many, and where the first is
+    for s in starts:
+        bad = ~torch.isfinite(flat[s:s + _FINITE_CHUNK])
         n = int(bad.sum())
         if n and first is None:
-            first = start + int(bad.nonzero()[0, 0])
+            first = s + int(bad.nonzero()[0, 0])
         count += n
-    if first is None:
-        return
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), t.shape)) if t.dim() else ()
     where = f" on TP rank {rank}" if rank is not None else ""
     raise DamagedInput(f"{file}: tensor {tensor}{where} has {count} non-finite value(s) "

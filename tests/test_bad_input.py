@@ -368,3 +368,24 @@ def test_hf_cache_symlinks_stay_allowed(pristine, tmp_path):
     assert code == 0, err
     code, text_out, _ = run_cli("verify", snap)
     assert code == 0 and text_out.startswith("SOUND"), text_out
+
+
+def test_check_finite_scans_in_chunks(monkeypatch):
+    """Huge tensors are scanned in chunks (bounded memory): a NaN and an Inf in later chunks are
+    counted and the first is located in the tensor's own coordinates."""
+    import neoxconv.io as nio
+    from neoxconv.errors import DamagedInput
+
+    monkeypatch.setattr(nio, "_FINITE_CHUNK", 7)
+    t = torch.zeros(5, 6, dtype=torch.bfloat16)
+    nio.set_check_finite(True)
+    try:
+        nio.check_finite(t, "f.pt", "w", 3)
+        t[2, 3], t[4, 0] = float("inf"), float("nan")
+        with pytest.raises(DamagedInput, match=r"^f\.pt: tensor w on TP rank 3 has 2 non-finite value\(s\) "
+                                               r"\(first: inf at index \[2, 3\]\)$"):
+            nio.check_finite(t, "f.pt", "w", 3)
+        nio.check_finite(torch.tensor([1, 2]), "f.pt", "ints", 0)  # integers cannot be non-finite
+    finally:
+        nio.set_check_finite(False)
+    nio.check_finite(t, "f.pt", "w", 3)  # off unless asked for
