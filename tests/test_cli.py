@@ -170,15 +170,16 @@ def test_usage_errors(args, message):
     assert "for help." in err and message in err and "internal error" not in err
 
 
-def test_bad_choice_values_are_one_line_errors(tmp_path, hf_dir):
+def test_bad_choice_values_through_the_entry_point(tmp_path, hf_dir):
+    """Bad values of choice options end in exit 2 naming the value, through main() (the real entry
+    point), whether the option refuses them while parsing (a usage error) or the library does."""
     from fixtures.pristine import run_cli
 
-    for args, message in ((["convert", hf_dir, tmp_path / "o", "--to", "xyz"], "unknown --to 'xyz'"),
-                          (["hf-to-neox", hf_dir, tmp_path / "o", "--layout", "diagonal"], "unknown layout 'diagonal'"),
-                          (["convert", hf_dir, tmp_path / "o", "--to", "hf", "--dtype", "fp8"], "unknown --dtype 'fp8'")):
+    for args, value in ((["convert", hf_dir, tmp_path / "o", "--to", "xyz"], "xyz"),
+                        (["hf-to-neox", hf_dir, tmp_path / "o", "--layout", "diagonal"], "diagonal"),
+                        (["convert", hf_dir, tmp_path / "o", "--to", "hf", "--dtype", "fp8"], "fp8")):
         code, _, err = run_cli(*args)
-        lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
+        assert code == 2 and value in err and "internal error" not in err and "Traceback" not in err, err
         assert not (tmp_path / "o").exists()
 
 

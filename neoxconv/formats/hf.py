@@ -123,6 +123,9 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
     if not heads:
         raise NeoxconvError(f"{path / 'config.json'}: num_attention_heads missing")
     kv = cfg.get("num_key_value_heads") or heads
+    for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NeoxconvError(f"{path / 'config.json'}: {key} must be a positive integer, got {value!r}")
     by_group: dict[Group, list[str]] = {}
     metas: dict[Group, dict[str, torch.Tensor]] = {}
     for name in store.metas:

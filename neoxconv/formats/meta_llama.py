@@ -186,6 +186,10 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise NeoxconvError(f"{pfile}: missing {key!r}")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise NeoxconvError(f"{pfile}: {key} must be a positive integer, got {value!r}")
     if params.get("use_scaled_rope"):
         raise NeoxconvError(f"{pfile}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported: GPT-NeoX has no RoPE scaling")
     if family not in (None, "llama", "mistral"):

@@ -44,12 +44,21 @@ INT_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", 
 FLOAT_KEYS = ("rotary_pct", "rotary_emb_base", "layernorm_epsilon", "rms_norm_epsilon")
 
 
+# ... and of those, the ones that count something that cannot be zero.
+POSITIVE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "model_parallel_size",
+                 "max_position_embeddings", "seq_length", "make_vocab_size_divisible_by", "intermediate_size",
+                 "mlp_multiple_of", "rotary_pct", "rotary_emb_base")
+
+
 def _check_types(merged: dict, origin: dict[str, Path]) -> None:
     for keys, kinds, what in ((INT_KEYS, (int,), "an integer"), (FLOAT_KEYS, (int, float), "a number")):
         for k in keys:
             v = merged.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
                 raise NeoxconvError(f"{origin[k]}: {k.replace('_', '-')} must be {what}, got {v!r}")
+            if v is not None and (v < 0 or (v == 0 and k in POSITIVE_KEYS)):
+                need = "positive" if k in POSITIVE_KEYS else "at least 0"
+                raise NeoxconvError(f"{origin[k]}: {k.replace('_', '-')} must be {need}, got {v!r}")
 
 
 def read_configs(files: list[Path]) -> tuple[dict, list[Path]]:
