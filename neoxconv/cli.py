@@ -45,6 +45,9 @@ EosTokenOpt = Annotated[Optional[list[str]], typer.Option(
                         "gives [<|end_of_text|>, <|eot_id|>]). Exit 2 if not in the vocabulary.")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Load pickled inputs with full unpickling (can run code: only for files you trust).")]
+FiniteOpt = Annotated[bool, typer.Option(
+    "--check-finite", help="Scan every tensor of the input for NaN/Inf before writing (reads all data once more); "
+                           "one is an error naming tensor, rank and file.")]
 VerifyOpt = Annotated[bool, typer.Option(
     "--verify", help="After writing, check logit parity of OUT against the source (fp32); on failure exit 1 and "
                      "move the output to OUT.parity-failed/ (report inside). See docs/parity.md.")]
@@ -100,11 +103,13 @@ def _progress(total: int, what: str):
     return prog, step
 
 
-def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False, **kw) -> dict:
+def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False,
+                    check_finite: bool = False, **kw) -> dict:
     from neoxconv.convert import convert
-    from neoxconv.io import set_trust_pickle
+    from neoxconv.io import set_check_finite, set_trust_pickle
 
     set_trust_pickle(trust_pickle)
+    set_check_finite(check_finite)
     holder: dict = {}
     if verify:  # parity of the finished temp dir against the source, before it lands at OUT
         from neoxconv.parity import verifier
@@ -162,6 +167,7 @@ def neox_to_hf(
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
 ) -> None:
     """Export a GPT-NeoX checkpoint (pipeline or sequential layout, any TP/PP) to Hugging Face."""
     from neoxconv.io import parse_size
@@ -170,7 +176,7 @@ def neox_to_hf(
                     qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value,
                     max_shard_size=parse_size(max_shard_size),
                     trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, chat_template=chat_template,
-                    eos_tokens=eos_token or [], verify=verify)
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
     if push_to_hub:
         from neoxconv.hub import upload_command
 
@@ -195,13 +201,14 @@ def hf_to_neox(
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
 ) -> None:
     """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP (the tokenizer is copied beside it)."""
     _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=_family(arch),
                     qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tp=tp, pp=pp, layout=layout.value,
                     schema=neox_schema.value,
                     vocab_multiple=vocab_multiple, tokenizer=tokenizer, chat_template=chat_template,
-                    eos_tokens=eos_token or [], verify=verify)
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
 
 
 @app.command("llama-to-neox")
@@ -221,13 +228,14 @@ def llama_to_neox(
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
 ) -> None:
     """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
     _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=value_of(qkv_layout), force=force,
                     dtype=dtype.value, tp=tp, pp=pp, layout=layout.value, schema=neox_schema.value,
                     vocab_multiple=vocab_multiple,
                     tokenizer=tokenizer, chat_template=chat_template,
-                    eos_tokens=eos_token or [], verify=verify)
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
 
 
 @app.command("convert")
@@ -258,6 +266,7 @@ def convert_cmd(
     force: ForceOpt = False,
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
 ) -> None:
     """Convert any supported checkpoint to any target, including NeoX → NeoX resharding."""
     from neoxconv.io import parse_size
@@ -272,7 +281,7 @@ def convert_cmd(
         opts = dict(shards=tp, style=value_of(meta_style))
     _run_conversion(src, out, to.value, trust_pickle, config_files=config, family=_family(arch),
                     qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tokenizer=tokenizer, chat_template=chat_template,
-                    eos_tokens=eos_token or [], verify=verify,
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
                     **opts)
 
 
@@ -375,12 +384,15 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
     config: ConfigOpt = None,
     trust_pickle: TrustOpt = False,
+    check_finite: Annotated[bool, typer.Option(
+        "--check-finite", help="Also read all tensor data and fail (exit 2) on NaN/Inf, naming tensor, rank and file.")] = False,
 ) -> None:
     """Show format, layout, TP/PP, architecture, dtype, parameter count and the tensors."""
     from neoxconv.inspect import describe, render
-    from neoxconv.io import set_trust_pickle
+    from neoxconv.io import set_check_finite, set_trust_pickle
 
     set_trust_pickle(trust_pickle)
+    set_check_finite(check_finite)
     info = describe(path, config_files=config)
     if as_json:
         import json
@@ -388,6 +400,30 @@ def inspect_cmd(
         print(json.dumps(info, indent=2))
     else:
         render(info, out_console)
+
+
+@app.command("verify")
+def verify_cmd(
+    path: Annotated[Path, typer.Argument(help="A checkpoint directory of any supported format.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    config: ConfigOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Check a checkpoint on disk: files present and readable, headers, shapes across ranks and against the config,
+    finite values, and the sha256 of every file where neoxconv wrote a manifest. Exit 0 sound, 1 damaged,
+    2 unreadable."""
+    from neoxconv.io import set_trust_pickle
+    from neoxconv.verify import render, verify
+
+    set_trust_pickle(trust_pickle)
+    report = verify(path, config_files=config)
+    if as_json:
+        import json
+
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render(report, out_console)
+    raise typer.Exit(report.exit_code)
 
 
 @app.command("upload")
@@ -472,10 +508,20 @@ def demo_cmd(
     raise typer.Exit(0 if ok else 1)
 
 
+def _click_exceptions():
+    """The exception module of the click that typer runs on. typer >= 0.24 vendors click as
+    `typer._click`, whose UsageError is not the separately installed `click`'s: matching on
+    `click.exceptions` turned every usage mistake into an "internal error" (exit 3)."""
+    import importlib
+
+    return importlib.import_module(typer.BadParameter.__module__)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    clicks = _click_exceptions()
     try:
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="neoxconv")
     except SystemExit:
         raise
     except typer.Exit as e:
@@ -483,25 +529,24 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("[red]aborted[/red]")
         sys.exit(130)
+    except clicks.ClickException as e:  # usage errors: usage line, --help hint, exit 2
+        if debug:
+            console.print_exception()
+        e.show()
+        sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the top level turns every error into one line
-        import click
-
         from neoxconv.errors import NeoxconvError
 
         if debug:
             console.print_exception()
-        if isinstance(e, click.exceptions.UsageError):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
         if isinstance(e, NeoxconvError):
             console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         console.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (run with --debug for a traceback)",
                       highlight=False, soft_wrap=True)
         sys.exit(3)
+    if rc == 130:  # typer turns Ctrl-C inside a command into exit code 130
+        console.print("[red]aborted[/red]")
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -29,10 +29,13 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
     Every output gets the tokenizer and its settings (special tokens, chat template, generation
     config; `chat_template` / `eos_tokens` set them), HF outputs a model card (neoxconv.publish).
     `after_write(tmp, result)` runs on the finished temporary directory before it is renamed into
-    place (the --verify hook).
+    place (the --verify hook). The last step hashes every output file into
+    neoxconv-manifest.json (`neoxconv verify` checks it).
     """
     from neoxconv import graph
     from neoxconv.io import atomic_output_dir
+    from neoxconv.manifest import write_manifest
+    from neoxconv.validate import check as check_shapes
 
     src, out = Path(src), Path(out)
     if out.exists() and not force:
@@ -42,6 +45,7 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         raise NeoxconvError(f"{out}: output must not be the source, inside it, or contain it")
     ckpt = graph.read(src, fmt=src_format, config_files=config_files, family=family,
                       qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
+    check_shapes(ckpt)  # every stored shape against the spec, before anything is written
     from neoxconv import publish
 
     plan = publish.prepare(ckpt, to, tokenizer=tokenizer, chat_template=chat_template, eos_tokens=eos_tokens)
@@ -60,8 +64,21 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
                                         **write_opts.get("extra_yaml", {})}
         result = graph.write(ckpt, to, tmp, progress=progress, dtype=parse_dtype(dtype), **write_opts)
         result["source"] = ckpt
+        result.setdefault("warnings", []).extend(source_warnings(ckpt))
         result["model_name"] = out.resolve().name  # the card's title: OUT's name, never the temp dir's
         publish.finish(tmp, ckpt, to, result, plan)
         if after_write:
             after_write(tmp, result)
+        write_manifest(tmp)  # last: size and sha256 of every output file, for `neoxconv verify`
     return result
+
+
+def source_warnings(ckpt) -> list[str]:
+    """What reading the source found that the user should know (NeoX: replicated copies that
+    drifted apart across TP ranks beyond rounding)."""
+    from neoxconv.formats.neox_files import drift_warning
+
+    nf = ckpt.info.get("files")
+    text = drift_warning(nf) if nf is not None and ckpt.info.get("format") == "neox" else None
+    return [text] if text else []
+

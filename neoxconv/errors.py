@@ -9,6 +9,13 @@ class NeoxconvError(Exception):
     exit_code = 2
 
 
+class DamagedInput(NeoxconvError):
+    """The input is a checkpoint, but its files are damaged: unreadable or truncated tensor data,
+    a referenced file missing, shards that disagree, non-finite values, a hash mismatch.
+    Conversions refuse it like any bad input (exit 2); `neoxconv verify` reports it as
+    "damaged" (exit 1), as opposed to input that is not a readable checkpoint at all (exit 2)."""
+
+
 class ParityFailure(NeoxconvError):
     """A numerical check ran and failed (exit code 1)."""
 

@@ -1,4 +1,6 @@
-"""`neoxconv inspect`: what a checkpoint is, from headers only (no tensor data is read)."""
+"""`neoxconv inspect`: what a checkpoint is, from headers only (no tensor data is read, unless
+--check-finite asks for a NaN/Inf scan). Shows the neoxconv manifest when there is one (checked
+by `neoxconv verify`, not here) and NeoX norm copies that drifted apart across TP ranks."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from rich.table import Table
 
 def describe(path: Path, config_files: list[Path] | None = None) -> dict:
     from neoxconv import graph
+    from neoxconv.convert import source_warnings
 
     fmt = graph.detect(path)
     ckpt = graph.read(path, fmt=fmt, config_files=config_files)
@@ -30,8 +33,25 @@ def describe(path: Path, config_files: list[Path] | None = None) -> dict:
         "parameters": ckpt.tensors.num_params(),
         "spec": spec.to_dict(),
         "tensors": tensors,
+        "manifest": _manifest(path),
+        "warnings": source_warnings(ckpt) or None,
     }
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _manifest(path: Path) -> dict | None:
+    from neoxconv.errors import NeoxconvError
+    from neoxconv.manifest import find_manifest, read_manifest
+
+    file = find_manifest(Path(path))
+    if file is None:
+        return None
+    try:
+        m = read_manifest(file)
+    except NeoxconvError as e:
+        return {"file": str(file), "error": str(e)}
+    return {"file": str(file), "files": len(m["files"]), "bytes": sum(v["size"] for v in m["files"].values()),
+            "neoxconv": m.get("neoxconv")}
 
 
 def render(d: dict, console: Console) -> None:
@@ -44,10 +64,16 @@ def render(d: dict, console: Console) -> None:
     head.add_row("shape", f"{spec['layers']} layers, hidden {spec['hidden']}, {spec['heads']} heads "
                           f"({spec['kv_heads']} KV), MLP {spec['intermediate']}, vocab {spec['vocab_size']} "
                           f"(rows {spec['vocab_rows']})")
+    if "manifest" in d:
+        m = d["manifest"]
+        head.add_row("manifest", m.get("error") or f"{m['files']} files, {m['bytes']:,} bytes, written by neoxconv "
+                                                   f"{m['neoxconv']} (`neoxconv verify` checks them)")
     head.add_row("numerics", f"{spec['norm']} eps={spec['norm_eps']}, {spec['activation']}, rotary "
                              f"{spec['rotary_pct']}×d base {spec['rotary_base']:g}, parallel residual "
                              f"{spec['parallel_residual']}, tied {spec['tied']}")
     console.print(head)
+    for w in d.get("warnings", []):
+        console.print(f"[yellow]WARNING:[/yellow] {w}", highlight=False, soft_wrap=True)
     t = Table(title="canonical tensors")
     for col in ("name", "shape", "dtype"):
         t.add_column(col)

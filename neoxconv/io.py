@@ -5,30 +5,90 @@ Pickled checkpoints (`.pt`, `.bin`, `.pth`) are loaded with `weights_only=True` 
 explicit allowlist of the harmless non-tensor types real NeoX/DeepSpeed files hold (numpy RNG
 state, argparse.Namespace, ...). Full unpickling is only used when the user opts in with
 `--trust-pickle`, because unpickling arbitrary files can run code.
+
+Two more reading rules live here, because every reader goes through them:
+
+- `inside(root, ref)`: a file reference stored IN a checkpoint (`latest`, an HF index's
+  `weight_map`) must name a path inside the checkpoint directory.
+- `check_finite(...)`: with `--check-finite` (`set_check_finite(True)`), every floating-point
+  tensor a reader loads is scanned for NaN/Inf; the error names file, tensor and TP rank.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
-from neoxconv.errors import NeoxconvError
+from neoxconv.errors import DamagedInput, NeoxconvError
 
 _TRUST_PICKLE = False
+_CHECK_FINITE = False
+_FINITE_CHUNK = 1 << 24  # elements scanned at a time: bounded temporary memory on huge tensors
 
 
 def set_trust_pickle(value: bool) -> None:
     """Opt in to full unpickling for inputs the user trusts (`--trust-pickle`)."""
     global _TRUST_PICKLE
     _TRUST_PICKLE = value
+
+
+def set_check_finite(value: bool) -> None:
+    """Scan every floating-point tensor readers load for NaN/Inf (`--check-finite`)."""
+    global _CHECK_FINITE
+    _CHECK_FINITE = value
+
+
+def check_finite_enabled() -> bool:
+    return _CHECK_FINITE
+
+
+def check_finite(t: torch.Tensor, file: object, tensor: str, rank: int | None = None) -> None:
+    """With --check-finite on: refuse a tensor holding NaN or Inf, naming file, tensor and rank."""
+    if not _CHECK_FINITE or not t.is_floating_point() or t.device.type == "meta":
+        return
+    flat = t.detach().reshape(-1)
+    starts = range(0, flat.numel(), _FINITE_CHUNK)
+    if all(bool(torch.isfinite(flat[s:s + _FINITE_CHUNK]).all()) for s in starts):
+        return
+    count, first = 0, None  # the error path: how many, and where the first is
+    for s in starts:
+        bad = ~torch.isfinite(flat[s:s + _FINITE_CHUNK])
+        n = int(bad.sum())
+        if n and first is None:
+            first = s + int(bad.nonzero()[0, 0])
+        count += n
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), t.shape)) if t.dim() else ()
+    where = f" on TP rank {rank}" if rank is not None else ""
+    raise DamagedInput(f"{file}: tensor {tensor}{where} has {count} non-finite value(s) "
+                       f"(first: {flat[first].item()} at index {list(index)})")
+
+
+def inside(root: Path, ref: object, what: str) -> Path:
+    """The path a checkpoint's own file reference (`what`: e.g. "`latest`") names under `root`,
+    refused unless it stays inside.
+
+    The rule is lexical, on the reference as written: a relative path of plain names (no `..`
+    part, not absolute, not empty). Symlinks are not resolved for the check: a file or directory
+    inside the checkpoint that is itself a symlink stays allowed, wherever it points (the HF
+    cache stores `snapshots/REV/model.safetensors -> ../../blobs/SHA`). A crafted reference then
+    cannot reach a file outside the directory; a symlink can only come from whoever can write
+    the directory itself.
+    """
+    text = str(ref) if isinstance(ref, str) else None
+    ref_path = PurePosixPath(text) if text else None
+    if ref_path is None or "\0" in text or ref_path.is_absolute() or ".." in ref_path.parts or not ref_path.parts:
+        raise DamagedInput(f"{what} names {ref!r}, which is not a path inside {root} "
+                           "(expected a relative name without '..')")
+    return Path(root) / ref_path
 
 
 def _safe_globals() -> list:
@@ -52,16 +112,22 @@ def load_pickle(path: Path) -> dict:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError:
-        raise NeoxconvError(f"{path}: file not found") from None
+        raise DamagedInput(f"{path}: file not found") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types; the user needs one line
         msg = str(e).strip().splitlines()
         first = next((ln for ln in msg if "Unsupported global" in ln or "GLOBAL" in ln), msg[0] if msg else repr(e))
-        hint = " (if you trust this file, pass --trust-pickle)" if "weights_only" in str(e) or "global" in str(e).lower() else ""
-        raise NeoxconvError(f"{path}: cannot load checkpoint: {first.strip()}{hint}") from e
+        refused = "weights_only" in str(e) or "global" in str(e).lower()
+        hint = " (if you trust this file, pass --trust-pickle)" if refused else ""
+        # A refused pickle is a policy decision about readable input; anything else is damage.
+        raise (NeoxconvError if refused else DamagedInput)(
+            f"{path}: cannot load checkpoint: {first.strip()}{hint}") from e
 
 
 def save_pickle(obj: dict, path: Path) -> None:
-    torch.save(obj, path)
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. a full disk) this way
+        raise OSError(errno.EIO, "the write failed: disk full or file too large?", str(path)) from e
 
 
 def owned(t: torch.Tensor) -> torch.Tensor:
@@ -97,10 +163,21 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not force:
         raise NeoxconvError(f"{out}: output already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise NeoxconvError(f"{out.parent}: cannot create the output here ({e.strerror or e})") from None
     try:
         yield tmp
+    except OSError as e:  # a full or read-only disk, a write the OS refused: one line, no partial output
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = str(e.filename or "")
+        if name and not name.startswith(str(tmp)):  # an input the OS refused to read
+            raise NeoxconvError(f"{name}: {e.strerror or e}; nothing was written to {out}") from e
+        where = name.replace(str(tmp), str(out)) or str(out)
+        raise NeoxconvError(f"{where}: cannot write the output ({e.strerror or e}); nothing was written "
+                            f"to {out}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -118,12 +195,16 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a file; anything else is a one-line error naming the file."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NeoxconvError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NeoxconvError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise NeoxconvError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -8,4 +8,4 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Fixtures of the local fake Hugging Face Hub (fake_hub, hub_client_env).
-pytest_plugins = ["hub_server"]
+pytest_plugins = ["hub_server", "fixtures.pristine"]

@@ -217,3 +217,42 @@ def test_choices_are_the_library_s():
     assert values(choices.MainBranch) == list(export_run.MAIN_MODES)
     assert set(values(choices.OutDtype)) <= set(convert.DTYPES)
     assert {parity.canonical_dtype(d) for d in values(choices.ComputeDtype)} == {"float32", "float16", "bfloat16"}
+
+
+# -- usage mistakes are usage errors (exit 2, usage line, --help hint), never "internal error" ---
+
+
+@pytest.mark.parametrize("args, message", [
+    (["frobnicate"], "Error: No such command 'frobnicate'."),
+    (["neox-to-hf"], "Error: Missing argument"),
+    (["hf-to-neox", "a", "b", "--tp", "abc"], "Error: Invalid value for '--tp'"),
+    (["convert", "a", "b"], "Error: Missing option '--to'."),
+    (["verify", "x", "--bogus"], "Error: No such option: --bogus"),
+])
+def test_usage_errors(args, message):
+    from fixtures.pristine import run_cli
+
+    code, _, err = run_cli(*args)
+    assert code == 2, err
+    assert err.startswith(f"Usage: neoxconv {args[0] if args[0] != 'frobnicate' else ''}".rstrip())
+    assert "for help." in err and message in err and "internal error" not in err
+
+
+def test_bad_choice_values_through_the_entry_point(tmp_path, hf_dir):
+    """Bad values of choice options end in exit 2 naming the value, through main() (the real entry
+    point), whether the option refuses them while parsing (a usage error) or the library does."""
+    from fixtures.pristine import run_cli
+
+    for args, value in ((["convert", hf_dir, tmp_path / "o", "--to", "xyz"], "xyz"),
+                        (["hf-to-neox", hf_dir, tmp_path / "o", "--layout", "diagonal"], "diagonal"),
+                        (["convert", hf_dir, tmp_path / "o", "--to", "hf", "--dtype", "fp8"], "fp8")):
+        code, _, err = run_cli(*args)
+        assert code == 2 and value in err and "internal error" not in err and "Traceback" not in err, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_usage_error_in_a_real_process():
+    r = run("frobnicate")
+    assert r.returncode == 2 and "Try 'neoxconv --help' for help." in r.stderr and "internal error" not in r.stderr
+    r = run()
+    assert r.returncode == 2 and "Commands" in r.stderr + r.stdout  # bare `neoxconv` shows the help

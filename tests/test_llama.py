@@ -405,7 +405,7 @@ def test_cli_llama_to_neox_and_back_to_meta(tmp_path, hf_src):
     r = run("convert", src, tmp_path / "meta2", "--to", "meta", "--tp", "2")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "meta2").iterdir()) == ["consolidated.00.pth", "consolidated.01.pth",
-                                                                      "params.json"]
+                                                                      "neoxconv-manifest.json", "params.json"]
 
 
 def test_cli_tp_not_dividing_kv_heads(tmp_path, hf_src):

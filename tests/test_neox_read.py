@@ -107,9 +107,11 @@ def test_pickles_are_loaded_without_running_code(tmp_path):
 
 def test_unknown_tensors_and_norms_are_refused_not_dropped(tmp_path):
     ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
-    ranks[3][1]["attention.qk_layernorm.weight"] = torch.ones(2, 8)  # something neoxconv cannot map
+    for idx in (2, 3):  # something neoxconv cannot map, in every layer on every rank (else: damage)
+        for rank in ranks[idx]:
+            rank["attention.qk_layernorm.weight"] = torch.ones(2, 8)
     save = write_neox_checkpoint(tmp_path / "c", ranks, CFG)
-    with pytest.raises(NeoxconvError, match=r"layer_03-model_01-model_states\.pt: tensor 'attention\.qk_layernorm"):
+    with pytest.raises(NeoxconvError, match=r"layer_02-model_00-model_states\.pt: tensor 'attention\.qk_layernorm"):
         read_neox(save)
     ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
     save = write_neox_checkpoint(tmp_path / "d", ranks, dict(CFG, norm="scalenorm"))

@@ -17,8 +17,9 @@ from safetensors import safe_open
 
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
-from neoxconv.errors import NeoxconvError
-from neoxconv.io import SafetensorsStreamWriter, load_pickle, read_json, write_json
+from neoxconv.errors import DamagedInput, NeoxconvError
+from neoxconv.io import (SafetensorsStreamWriter, check_finite, check_finite_enabled, inside, load_pickle, read_json,
+                         write_json)
 from neoxconv.tensormap import Group, TensorMap, group_of
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -33,11 +34,15 @@ def is_hf_dir(path: Path) -> bool:
 def _weight_files(path: Path, strict: bool = True) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
-            files = sorted(set(read_json(path / index).get("weight_map", {}).values()))
-            missing = [f for f in files if not (path / f).is_file()]
+            weight_map = read_json(path / index).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise DamagedInput(f"{path / index}: weight_map is not a mapping of tensor names to files")
+            # Each file name must stay inside the directory (symlinks, as the HF cache makes, are fine).
+            files = [inside(path, f, f"{path / index}: weight_map") for f in sorted(set(weight_map.values()), key=str)]
+            missing = [f for f in files if not f.is_file()]
             if missing and strict:
-                raise NeoxconvError(f"{path / index}: names {missing[0]}, which does not exist")
-            return [path / f for f in files]
+                raise DamagedInput(f"{path / index}: names {missing[0].name}, which does not exist")
+            return files
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (path / single).is_file():
             return [path / single]
@@ -59,19 +64,26 @@ class _Store:
                 try:
                     h = safe_open(str(f), framework="pt")
                 except Exception as e:  # noqa: BLE001
-                    raise NeoxconvError(f"{f}: not a readable safetensors file ({e})") from None
+                    raise DamagedInput(f"{f}: not a readable safetensors file ({e})") from None
                 for k in h.keys():
                     sl = h.get_slice(k)
+                    if sl.get_dtype() not in _ST_DTYPES:
+                        raise NeoxconvError(f"{f}: tensor {k} has dtype {sl.get_dtype()}, which neoxconv does not read")
                     self.metas[k] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES[sl.get_dtype()], device="meta")
                     self.where[k] = f
+                    if check_finite_enabled():  # --check-finite: every tensor once, before anything is written
+                        check_finite(h.get_tensor(k), f, k)
                 del h
             else:
                 sd = load_pickle(f)
+                if not isinstance(sd, dict):
+                    raise DamagedInput(f"{f}: expected a dict of tensors")
                 self._open[f] = sd
                 for k, v in sd.items():
                     if isinstance(v, torch.Tensor):
                         self.metas[k] = v.to("meta")
                         self.where[k] = f
+                        check_finite(v, f, k)
 
     def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
@@ -111,6 +123,9 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
     if not heads:
         raise NeoxconvError(f"{path / 'config.json'}: num_attention_heads missing")
     kv = cfg.get("num_key_value_heads") or heads
+    for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NeoxconvError(f"{path / 'config.json'}: {key} must be a positive integer, got {value!r}")
     by_group: dict[Group, list[str]] = {}
     metas: dict[Group, dict[str, torch.Tensor]] = {}
     for name in store.metas:
@@ -141,7 +156,8 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
         return arch.to_canonical((heads, kv), store.get_many(by_group.get(group, [])))
 
     info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0, "hf_hidden_act": cfg.get("hidden_act"),
-            "vocab_known": real_vocab is not None}
+            "vocab_known": real_vocab is not None,
+            "group_files": {g: sorted({str(store.where[n]) for n in names}) for g, names in by_group.items()}}
     from neoxconv.tokenizer.settings import hf_dir_settings
 
     return Checkpoint(spec, TensorMap(metas, load), info, text=hf_dir_settings(path))

@@ -52,8 +52,8 @@ import torch
 
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
-from neoxconv.errors import NeoxconvError
-from neoxconv.io import load_pickle, owned, read_json, save_pickle, write_json
+from neoxconv.errors import DamagedInput, NeoxconvError
+from neoxconv.io import check_finite, load_pickle, owned, read_json, save_pickle, write_json
 from neoxconv.roles import ROW, Context, resize_vocab
 from neoxconv.spec import ModelSpec
 from neoxconv.table import Entry, entries, merge_group, split_group, with_roles
@@ -135,26 +135,35 @@ def is_meta_dir(path: Path) -> bool:
 
 
 def _shard_files(path: Path) -> list[Path]:
+    # Shards are found by listing the directory with a strict name pattern, never from a name a
+    # file supplies, so they cannot lie outside it (a symlinked shard is allowed, as in io.inside).
     found = sorted((int(m[1]), path / p.name) for p in path.iterdir() if (m := SHARD_FILE.match(p.name)))
     if not found:
         raise NeoxconvError(f"{path}: no consolidated.XX.pth files next to params.json")
     ranks = [r for r, _ in found]
     if ranks != list(range(len(ranks))):
-        raise NeoxconvError(f"{path}: consolidated.XX.pth files are not numbered 00..{len(ranks) - 1:02d} (found {ranks})")
+        raise DamagedInput(f"{path}: consolidated.XX.pth files are not numbered 00..{len(ranks) - 1:02d} (found {ranks})")
     return [f for _, f in found]
 
 
 def _load_shards(files: list[Path]) -> list[dict[str, torch.Tensor]]:
     shards = []
-    for f in files:
-        sd = load_pickle(f)  # memory-mapped: tensors are read when touched
+    for rank, f in enumerate(files):
+        sd = load_pickle(f)  # memory-mapped: tensors are read when touched (or now, by --check-finite)
         if not isinstance(sd, dict) or EMBED not in sd:
-            raise NeoxconvError(f"{f}: not a Meta Llama shard (no {EMBED})")
+            raise DamagedInput(f"{f}: not a Meta Llama shard (no {EMBED})")
         shards.append({k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and k not in IGNORED})
+        for k, v in shards[-1].items():
+            check_finite(v, f, k, rank)
     keys0 = set(shards[0])
     for f, sd in zip(files[1:], shards[1:]):
         if set(sd) != keys0:
-            raise NeoxconvError(f"{f}: tensor names differ from {files[0].name} (e.g. {sorted(keys0 ^ set(sd))[0]})")
+            raise DamagedInput(f"{f}: tensor names differ from {files[0].name} (e.g. {sorted(keys0 ^ set(sd))[0]})")
+        for k in sorted(keys0):  # fairscale splits in equal chunks: every shard holds the same shapes
+            (a, b) = (shards[0][k], sd[k])
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise DamagedInput(f"{f}: tensor {k} is {str(b.dtype)[6:]} {list(b.shape)}, expected "
+                                   f"{str(a.dtype)[6:]} {list(a.shape)} as in {files[0].name}")
     return shards
 
 
@@ -163,7 +172,7 @@ def _check_names(files: list[Path], keys: set[str], n_layers: int) -> None:
     expected |= {e.at(i).name for i in range(n_layers) for e in LAYER_NAMES}
     missing, extra = expected - keys, keys - expected
     if missing:
-        raise NeoxconvError(f"{files[0]}: missing tensor {sorted(missing)[0]} (params.json says {n_layers} layers)")
+        raise DamagedInput(f"{files[0]}: missing tensor {sorted(missing)[0]} (params.json says {n_layers} layers)")
     if extra:
         raise NeoxconvError(f"{files[0]}: unexpected tensor {sorted(extra)[0]} for a Llama checkpoint")
 
@@ -198,6 +207,10 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise NeoxconvError(f"{pfile}: missing {key!r}")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise NeoxconvError(f"{pfile}: {key} must be a positive integer, got {value!r}")
     if params.get("use_scaled_rope"):
         raise NeoxconvError(f"{pfile}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported: GPT-NeoX has no RoPE scaling")
     if family not in (None, "llama", "mistral"):

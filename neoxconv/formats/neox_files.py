@@ -9,7 +9,16 @@ Two on-disk layouts (neox-formats.md §1), detected from the files, never from t
   `sequential.{idx}.{name}` keys.
 
 `NeoxFiles.rank_states(idx)` hands out what the reference forward and the adapter need; it
-knows nothing about tensor semantics.
+knows nothing about tensor semantics beyond what storage itself promises, which it checks on
+every read (before a conversion writes anything, since readers take every index once for
+shapes):
+
+- NeoX shards every tensor in equal chunks, so all TP ranks of an index hold the same names,
+  shapes and dtypes; and every transformer layer stores the same tensors as the first one.
+  Any difference is damage (`DamagedInput`, naming file, tensor, rank, expected and found).
+- Replicated copies (norms; the row biases of a sequential residual) should be equal on every
+  rank; how far they drift is measured (`drift`, `drift_warning`), as GPT-NeoX-20B's do.
+- With `--check-finite`, every tensor is scanned for NaN/Inf (neoxconv.io.check_finite).
 """
 
 from __future__ import annotations
@@ -21,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from neoxconv.errors import NeoxconvError
+from neoxconv.errors import DamagedInput, NeoxconvError
 from neoxconv.formats.neox_args import find_config_files, read_configs
-from neoxconv.io import load_pickle
+from neoxconv.io import check_finite, check_finite_enabled, inside, load_pickle
 
 SIDECAR = "neoxconv.json"
 QKV_LAYOUTS = ("mha_interleaved", "gqa_blocked", "gqa_fakehead")
@@ -31,6 +40,10 @@ SCHEMAS = ("current", "legacy")
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 SEQ_KEY = re.compile(r"^sequential\.(\d+)\.(.+)$")
+# Copies every TP rank holds in full; row biases only under a sequential residual (the GPT-J
+# residual adds each rank's part, which is not a copy).
+NORM_PREFIXES = ("input_layernorm.", "post_attention_layernorm.", "norm.")
+ROW_BIASES = ("attention.dense.bias", "mlp.linear2.bias", "mlp.dense_4h_to_h.bias")
 
 
 def resolve_tag_dir(path: Path) -> Path:
@@ -44,12 +57,15 @@ def resolve_tag_dir(path: Path) -> Path:
         return path
     latest = path / "latest"
     if latest.is_file():
-        tag = latest.read_text().strip()
-        tag_dir = path / tag
+        try:
+            tag = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DamagedInput(f"{latest}: unreadable ({e})") from None
+        tag_dir = inside(path, tag, f"{latest}:")
         if not tag_dir.is_dir():
-            raise NeoxconvError(f"{latest}: names tag {tag!r}, but {tag_dir} does not exist")
+            raise DamagedInput(f"{latest}: names tag {tag!r}, but {tag_dir} does not exist")
         if not _has_model_files(tag_dir):
-            raise NeoxconvError(f"{tag_dir}: no layer_*-model_*-model_states.pt or mp_rank_*_model_states.pt files")
+            raise DamagedInput(f"{tag_dir}: no layer_*-model_*-model_states.pt or mp_rank_*_model_states.pt files")
         return tag_dir
     tags = sorted(p for p in path.iterdir() if p.is_dir() and _has_model_files(p))
     if len(tags) == 1:
@@ -78,6 +94,13 @@ class NeoxFiles:
     _cache: tuple[int, list[dict]] | None = field(default=None, repr=False)
     num_layers: int = 0
     qkv_layout: str = "mha_interleaved"  # the converter's reading (formats/neox.py); the proof never reads it
+    # What rank_states saw, per spec index and TP rank: tensor name -> (shape, dtype). The
+    # spec-level check (neoxconv.validate) works on this record, without reading again.
+    stored: dict[int, list[dict[str, tuple[tuple[int, ...], torch.dtype]]]] = field(default_factory=dict, repr=False)
+    # Replicated copies that differ across ranks: (spec index, name) -> Drift.
+    drift: dict[tuple[int, str], "Drift"] = field(default_factory=dict, repr=False)
+    _first_layer: int | None = field(default=None, repr=False)
+    _finite_done: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
     def rank_states(self, idx: int) -> list[dict[str, torch.Tensor]]:
         """Tensors of spec index `idx`, one dict per TP rank, names without `sequential.N.`."""
@@ -90,7 +113,7 @@ class NeoxFiles:
             for r in range(self.tp):
                 sd = load_pickle(self._files[(idx, r)])
                 if not isinstance(sd, dict):
-                    raise NeoxconvError(f"{self._files[(idx, r)]}: expected a dict of tensors")
+                    raise DamagedInput(f"{self._files[(idx, r)]}: expected a dict of tensors")
                 states.append({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
         else:
             # Re-opened per access (the pickle index is small, data is memory-mapped): keeping
@@ -98,9 +121,11 @@ class NeoxFiles:
             prefix = f"sequential.{idx}."
             states = []
             for f in self._rank_files:
-                module = load_pickle(f)["module"]
+                module = _module(f)
                 states.append({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)})
                 del module
+        if idx not in self.stored:
+            self._screen(idx, states)
         self._cache = (idx, states)
         return states
 
@@ -116,16 +141,81 @@ class NeoxFiles:
         if self.layout == "pipeline":
             sd = load_pickle(self._files[(idx, rank)])
             if not isinstance(sd, dict):
-                raise NeoxconvError(f"{self._files[(idx, rank)]}: expected a dict of tensors")
-            return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        prefix = f"sequential.{idx}."
-        module = load_pickle(self._rank_files[rank])["module"]
-        return {k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)}
+                raise DamagedInput(f"{self._files[(idx, rank)]}: expected a dict of tensors")
+            state = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        else:
+            prefix = f"sequential.{idx}."
+            module = _module(self._rank_files[rank])
+            state = {k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)}
+        self._check_finite(idx, rank, state)
+        return state
 
     def file_for(self, idx: int, rank: int = 0) -> Path:
         if self.layout == "pipeline":
             return self._files[(idx, rank)]
         return self.tag_dir / f"mp_rank_{rank:02d}_model_states.pt"
+
+    def stored_name(self, idx: int, name: str) -> str:
+        """A tensor's name as its file holds it."""
+        return name if self.layout == "pipeline" else f"sequential.{idx}.{name}"
+
+    # -- storage checks ------------------------------------------------------------------------
+
+    def _check_finite(self, idx: int, rank: int, state: dict) -> None:
+        if not check_finite_enabled() or (idx, rank) in self._finite_done:
+            return
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                check_finite(v, self.file_for(idx, rank), self.stored_name(idx, k), rank)
+        self._finite_done.add((idx, rank))
+
+    def _screen(self, idx: int, states: list[dict]) -> None:
+        """The storage checks of one spec index, read on all ranks (see the module docstring)."""
+        seen = [{k: (tuple(v.shape), v.dtype) for k, v in st.items() if isinstance(v, torch.Tensor)}
+                for st in states]
+        for r in range(1, len(seen)):
+            ref = f"rank 0 ({self.file_for(idx, 0).name})"
+            self._same(idx, r, seen[r], seen[0], ref, lambda n, f, e, ref=ref: (
+                f"tensor {n} on TP rank {r} is {f}, expected {e} as on TP {ref}"))
+        if 2 <= idx < self.num_layers + 2:
+            if self._first_layer is None:
+                self._first_layer = idx
+            elif self._first_layer in self.stored:
+                first = self._first_layer
+                ref = f"layer {first - 2} ({self.file_for(first, 0).name})"
+                # Which of the two is damaged is for the spec check to say: name both.
+                self._same(idx, 0, seen[0], self.stored[first][0], ref, lambda n, f, e, ref=ref: (
+                    f"tensor {n} of layer {idx - 2} is {f} on TP rank 0, but {e} in {ref}: every NeoX layer stores "
+                    "the same tensors"))
+        for r, st in enumerate(states):
+            self._check_finite(idx, r, st)
+        self._measure_drift(idx, states)
+        self.stored[idx] = seen
+
+    def _same(self, idx: int, rank: int, found: dict, expected: dict, ref: str, differs) -> None:
+        file = self.file_for(idx, rank)
+        for k in sorted(expected.keys() | found.keys()):
+            name = self.stored_name(idx, k)
+            if k not in found:
+                raise DamagedInput(f"{file}: tensor {name} is missing on TP rank {rank} ({ref} has it)")
+            if k not in expected:
+                raise DamagedInput(f"{file}: unexpected tensor {name} on TP rank {rank} ({ref} has no such tensor)")
+            if found[k] != expected[k]:
+                raise DamagedInput(f"{file}: {differs(name, _fmt(*found[k]), _fmt(*expected[k]))}")
+
+    def _measure_drift(self, idx: int, states: list[dict]) -> None:
+        gpt_j = bool(self.args.get("gpt_j_residual"))
+        for k, v0 in states[0].items():
+            if not (k.startswith(NORM_PREFIXES) or (k in ROW_BIASES and not gpt_j)) \
+                    or not isinstance(v0, torch.Tensor) or not v0.is_floating_point():
+                continue
+            worst = None
+            for r in range(1, len(states)):
+                d = Drift.of(v0, states[r][k], r)
+                if d is not None and (worst is None or d.max_abs > worst.max_abs):
+                    worst = d
+            if worst is not None:
+                self.drift[(idx, k)] = worst
 
 
 def open_neox(path: Path, config_files: list[Path] | None = None, ranks: tuple[int, ...] | None = None) -> NeoxFiles:
@@ -161,7 +251,7 @@ def _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration, want=N
     for idx, rank, p in layer_files:
         by_idx.setdefault(idx, {})[rank] = p
     if 0 not in by_idx:
-        raise NeoxconvError(f"{tag_dir}: missing layer_00-model_00-model_states.pt (the embedding)")
+        raise DamagedInput(f"{tag_dir}: missing layer_00-model_00-model_states.pt (the embedding)")
     # TP: what the config declares, else the largest file count of any layer (a missing file
     # is then reported for the layer that lacks it, whichever layer that is).
     declared_tp = args.get("model_parallel_size")
@@ -171,7 +261,7 @@ def _open_pipeline(tag_dir, layer_files, mp_files, args, used, iteration, want=N
         if sorted(ranks) != list(range(tp)):
             have = ", ".join(f"model_{r:02d}" for r in sorted(ranks))
             what = f"model_parallel_size {tp} in the config" if declared_tp else "the other layers"
-            raise NeoxconvError(f"{tag_dir}: layer_{idx:02d} has {len(ranks)} TP file(s) ({have}), "
+            raise DamagedInput(f"{tag_dir}: layer_{idx:02d} has {len(ranks)} TP file(s) ({have}), "
                                 f"expected {tp} as {what} say(s)")
     files = {(idx, r): p for idx, ranks in by_idx.items() for r, p in ranks.items()}
     pp = max(1, len(mp_files) // tp) if mp_files else int(args.get("pipe_parallel_size") or 1)
@@ -186,7 +276,7 @@ def _open_sequential(tag_dir, mp_files, args, used, iteration, want=None) -> Neo
         raise NeoxconvError(f"{tag_dir}: no mp_rank_XX_model_states.pt files")
     ranks = [r for r, _ in mp_files]
     if ranks != list(range(len(ranks))):
-        raise NeoxconvError(f"{tag_dir}: mp_rank files are not numbered 00..{len(ranks) - 1:02d} (found {ranks})")
+        raise DamagedInput(f"{tag_dir}: mp_rank files are not numbered 00..{len(ranks) - 1:02d} (found {ranks})")
     first = _first_rank(tag_dir, len(mp_files), want)
     modules = []
     for r, p in mp_files:
@@ -194,10 +284,10 @@ def _open_sequential(tag_dir, mp_files, args, used, iteration, want=None) -> Neo
             continue
         state = load_pickle(p)
         module = state.get("module") if isinstance(state, dict) else None
-        if not isinstance(module, dict) or not any(SEQ_KEY.match(k) for k in module):
+        if not isinstance(module, dict) or not any(isinstance(k, str) and SEQ_KEY.match(k) for k in module):
             raise NeoxconvError(f"{p}: no `sequential.N.*` tensors in `module` and no layer_* files: "
                                 "not a NeoX checkpoint (or its layer files are missing)")
-        modules.append({k for k in module if SEQ_KEY.match(k)})
+        modules.append({k for k in module if isinstance(k, str) and SEQ_KEY.match(k)})
         del state, module
     tp = len(mp_files)
     declared_tp = args.get("model_parallel_size")
@@ -208,10 +298,58 @@ def _open_sequential(tag_dir, mp_files, args, used, iteration, want=None) -> Neo
     for r, keys in zip(read[1:], modules[1:]):
         if keys != modules[0]:
             diff = sorted(modules[0] ^ keys)[0]
-            raise NeoxconvError(f"{mp_files[r][1]}: tensor names differ from mp_rank_{read[0]:02d} (e.g. {diff})")
+            raise DamagedInput(f"{mp_files[r][1]}: tensor names differ from mp_rank_{read[0]:02d} (e.g. {diff})")
     nf = NeoxFiles(tag_dir, "sequential", tp, 1, iteration, args, used, indices, _rank_files=[p for _, p in mp_files])
     nf.num_layers = _check_indices(nf, lambda idx: f"sequential.{idx}.* in mp_rank_{first:02d}_model_states.pt", first)
     return nf
+
+
+def _module(path: Path) -> dict:
+    """The `module` dict of a sequential-layout mp_rank file."""
+    state = load_pickle(path)
+    module = state.get("module") if isinstance(state, dict) else None
+    if not isinstance(module, dict):
+        raise DamagedInput(f"{path}: no `module` dict of tensors")
+    return {k: v for k, v in module.items() if isinstance(k, str)}
+
+
+def _fmt(shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far TP rank `rank`'s copy of a replicated tensor is from rank 0's (the worst rank)."""
+
+    max_abs: float
+    rank: int
+    beyond_rounding: bool  # some element differs by more than one rounding step of the dtype
+
+    @staticmethod
+    def of(a: torch.Tensor, b: torch.Tensor, rank: int) -> "Drift | None":
+        """None when equal. Beyond rounding: |a - b| > eps(dtype) * max(|a|, |b|) somewhere,
+        i.e. more than one unit in the last place: copies that close are what any rounding of
+        their mean gives back; farther apart, a merged copy computes differently from a rank."""
+        if torch.equal(a, b):
+            return None
+        x, y = a.double(), b.double()
+        diff = (x - y).abs()
+        eps = torch.finfo(a.dtype).eps
+        return Drift(float(diff.max()), rank, bool((diff > eps * torch.maximum(x.abs(), y.abs())).any()))
+
+
+def drift_warning(nf: NeoxFiles) -> str | None:
+    """One line for a conversion warning when replicated copies differ beyond rounding."""
+    beyond = {key: d for key, d in nf.drift.items() if d.beyond_rounding}
+    if not beyond:
+        return None
+    (idx, name), worst = max(beyond.items(), key=lambda kv: kv[1].max_abs)
+    return (f"{len(beyond)} replicated tensor(s) (norms"
+            f"{'' if nf.args.get('gpt_j_residual') else ', row biases'}) differ across the {nf.tp} TP ranks by more "
+            f"than one rounding step of their dtype (the tolerance); the largest difference is {worst.max_abs:.3g} "
+            f"in {nf.stored_name(idx, name)} ({nf.file_for(idx, worst.rank).name}, rank {worst.rank} vs rank 0). "
+            "The output holds their mean; NeoX computed with each rank's own copy "
+            "(`neoxconv parity` measures the effect on the logits)")
 
 
 def _kind(keys: set[str]) -> str:
@@ -236,12 +374,12 @@ def _check_indices(nf: NeoxFiles, describe, rank: int = 0) -> int:
     n = int(declared) if declared else (max(layers) - 1 if layers else 0)
     for i in range(2, n + 2):
         if kinds.get(i) != "layer":
-            raise NeoxconvError(f"{nf.tag_dir}: missing transformer layer {i - 2}: expected {describe(i)}")
+            raise DamagedInput(f"{nf.tag_dir}: missing transformer layer {i - 2}: expected {describe(i)}")
     extra = [i for i in layers if i >= n + 2]
     if extra:
         raise NeoxconvError(f"{nf.tag_dir}: transformer layer at spec index {extra[0]} beyond num_layers {n}")
     if norm != [n + 3]:
-        raise NeoxconvError(f"{nf.tag_dir}: final norm expected at {describe(n + 3)}, found it at {norm or 'no index'}")
+        raise DamagedInput(f"{nf.tag_dir}: final norm expected at {describe(n + 3)}, found it at {norm or 'no index'}")
     unknown = [i for i, k in kinds.items() if k == "unknown"]
     if unknown:
         raise NeoxconvError(f"{nf.tag_dir}: unrecognised tensors at spec index {unknown[0]} "

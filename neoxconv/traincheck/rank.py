@@ -178,7 +178,10 @@ def _save(group: DistributedGroup, opts: TrainCheckOptions, files, source, model
         agreed(group, lambda: write_rank_shards(model, source, tmp / tag, iteration, optimizer))
 
         def finish():
+            from neoxconv.manifest import write_manifest
+
             write_shared_files(files, tmp, tag, iteration, opts.config_files)
+            write_manifest(tmp)  # like every output neoxconv writes (`neoxconv verify` checks it)
             tmp.rename(out)
 
         agreed_root(group, finish)
