@@ -33,7 +33,7 @@ def _nth(real, failing, n: int):
 
 
 def test_disk_full_while_writing_neox(pristine, tmp_path, monkeypatch):
-    import neoxconv.formats.neox as neox_format
+    import neoxconv.formats.neox_write as neox_format
 
     def full(obj, path):  # the OS fails the write of the third shard file, partly written
         path.write_bytes(b"partial")
@@ -76,7 +76,7 @@ def test_read_only_output_directory(pristine, tmp_path, monkeypatch):
 
 
 def test_interrupted_write_leaves_nothing(pristine, tmp_path, monkeypatch):
-    import neoxconv.formats.neox as neox_format
+    import neoxconv.formats.neox_write as neox_format
 
     def interrupt(obj, path):
         raise KeyboardInterrupt
@@ -112,7 +112,7 @@ def test_file_size_limit_from_the_kernel(pristine, tmp_path):
 
 KILLED_ON_THIRD_FILE = """
 import os, signal, sys
-import neoxconv.formats.neox as neox
+import neoxconv.formats.neox_write as neox
 real, calls = neox.save_pickle, []
 def save(obj, path):
     calls.append(path)
