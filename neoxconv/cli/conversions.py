@@ -1,0 +1,218 @@
+"""The conversion commands: neox-to-hf, hf-to-neox, llama-to-neox, convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from neoxconv.choices import Family, MetaStyle, NeoxLayout, NeoxSchema, OutDtype, QkvLayout, Target, value_of
+from neoxconv.cli.app import app, console
+from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DtypeOpt, EosTokenOpt, FiniteOpt, ForceOpt,
+                                  LayoutOpt, MaxShardOpt, PpOpt, QkvOpt, SchemaOpt, TokenizerOpt, TpOpt, TrimOpt,
+                                  TrustOpt, VerifyOpt, VocabMultipleOpt, family_of)
+
+
+def _progress(total: int, what: str):
+    """A rich progress bar advanced once per layer group."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+    task = prog.add_task("", total=total)
+
+    def step(label: str) -> None:
+        prog.update(task, advance=1, description=label)
+
+    return prog, step
+
+
+def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False,
+                    check_finite: bool = False, **kw) -> dict:
+    from neoxconv.convert import convert
+    from neoxconv.io import set_check_finite, set_trust_pickle
+
+    set_trust_pickle(trust_pickle)
+    set_check_finite(check_finite)
+    holder: dict = {}
+    if verify:  # parity of the finished temp dir against the source, before it lands at OUT
+        from neoxconv.parity import verifier
+
+        check = verifier(src, out, to=to, config_files=kw.get("config_files"), family=kw.get("family"),
+                         qkv_layout=kw.get("qkv_layout"), force=kw.get("force", False), console=console)
+
+        def after_write(tmp: Path, result: dict) -> None:
+            if "prog" in holder:
+                holder["prog"].stop()
+            console.print("verifying: logit parity of the output against the source (fp32) ...")
+            check(tmp, result)
+
+        kw["after_write"] = after_write
+
+    def on_read(ckpt) -> None:
+        holder["prog"], holder["step"] = _progress(len(ckpt.tensors.groups()), f"{ckpt.info['format']} → {to}")
+        holder["prog"].start()
+
+    try:
+        result = convert(src, out, to=to, on_read=on_read, progress=lambda s: holder["step"](s), **kw)
+    finally:
+        if "prog" in holder:
+            holder["prog"].stop()
+    for warning in result.get("warnings", []):
+        text = warning if warning.startswith("WARNING") else f"WARNING: {warning}"
+        from rich.markup import escape
+
+        console.print(f"[yellow]{escape(text)}[/yellow]", highlight=False, soft_wrap=True)
+    spec = result["spec"]
+    src_ckpt = result["source"]
+    console.print(f"[green]wrote[/green] {out}  ({to}, {spec.family}, {spec.layers} layers, "
+                  f"{src_ckpt.tensors.num_params() / 1e6:.2f}M params, {spec.dtype})")
+    return result
+
+
+@app.command("neox-to-hf")
+
+
+def neox_to_hf(
+    ckpt: Annotated[Path, typer.Argument(help="NeoX save dir (with `latest`) or a global_stepN dir.")],
+    out: Annotated[Path, typer.Argument(help="Output Hugging Face model directory (created).")],
+    config: ConfigOpt = None,
+    arch: ArchOpt = Family.auto,
+    dtype: DtypeOpt = OutDtype.auto,
+    max_shard_size: MaxShardOpt = "5GB",
+    trim_vocab_padding: TrimOpt = False,
+    qkv_layout: QkvOpt = None,
+    tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    eos_token: EosTokenOpt = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", help="After converting, upload OUT to this Hub repo (namespace/name) in one commit.")] = None,
+    revision: Annotated[Optional[str], typer.Option(
+        "--revision", help="Branch for --push-to-hub, created if missing (e.g. step143000).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repo as private (--push-to-hub).")] = False,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
+) -> None:
+    """Export a GPT-NeoX checkpoint (pipeline or sequential layout, any TP/PP) to Hugging Face."""
+    from neoxconv.io import parse_size
+
+    _run_conversion(ckpt, out, "hf", trust_pickle, src_format="neox", config_files=config, family=family_of(arch),
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value,
+                    max_shard_size=parse_size(max_shard_size),
+                    trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
+    if push_to_hub:
+        from neoxconv.hub import upload_command
+
+        upload_command(out, push_to_hub, revision=revision, private=private, console=console)
+
+
+@app.command("hf-to-neox")
+
+
+def hf_to_neox(
+    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json + weights).")],
+    out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    layout: LayoutOpt = NeoxLayout.pipeline,
+    neox_schema: SchemaOpt = NeoxSchema.current,
+    dtype: DtypeOpt = OutDtype.auto,
+    vocab_multiple: VocabMultipleOpt = 128,
+    arch: ArchOpt = Family.auto,
+    qkv_layout: QkvOpt = None,
+    tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    eos_token: EosTokenOpt = None,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
+) -> None:
+    """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP (the tokenizer is copied beside it)."""
+    _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=family_of(arch),
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tp=tp, pp=pp, layout=layout.value,
+                    schema=neox_schema.value,
+                    vocab_multiple=vocab_multiple, tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
+
+
+@app.command("llama-to-neox")
+
+
+def llama_to_neox(
+    meta_dir: Annotated[Path, typer.Argument(help="Meta Llama directory: params.json + consolidated.XX.pth (any shard count).")],
+    out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    layout: LayoutOpt = NeoxLayout.pipeline,
+    neox_schema: SchemaOpt = NeoxSchema.current,
+    dtype: DtypeOpt = OutDtype.auto,
+    vocab_multiple: VocabMultipleOpt = 128,
+    qkv_layout: QkvOpt = None,
+    tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    eos_token: EosTokenOpt = None,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
+) -> None:
+    """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
+    _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=value_of(qkv_layout), force=force,
+                    dtype=dtype.value, tp=tp, pp=pp, layout=layout.value, schema=neox_schema.value,
+                    vocab_multiple=vocab_multiple,
+                    tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
+
+
+@app.command("convert")
+
+
+def convert_cmd(
+    src: Annotated[Path, typer.Argument(help="Any supported checkpoint (format auto-detected).")],
+    out: Annotated[Path, typer.Argument(help="Output directory (created).")],
+    to: Annotated[Target, typer.Option("--to", help="Target format.")],
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    layout: LayoutOpt = NeoxLayout.pipeline,
+    neox_schema: SchemaOpt = NeoxSchema.current,
+    vocab_multiple: VocabMultipleOpt = 128,
+    config: ConfigOpt = None,
+    arch: ArchOpt = Family.auto,
+    dtype: DtypeOpt = OutDtype.auto,
+    max_shard_size: MaxShardOpt = "5GB",
+    trim_vocab_padding: TrimOpt = False,
+    qkv_layout: QkvOpt = None,
+    out_qkv_layout: Annotated[Optional[QkvLayout], typer.Option(
+        "--out-qkv-layout", help="NeoX → NeoX only: QKV layout to write when it differs from the source's "
+                                 "(e.g. migrate a gqa_fakehead checkpoint of 2024 to gqa_blocked).")] = None,
+    meta_style: Annotated[Optional[MetaStyle], typer.Option(
+        "--meta-style", help="--to meta: llama3 (embedding split on the vocab, default) or llama2 (split on the "
+                             "hidden dim, params.json keys Llama 1/2 code accepts). Default: the source's, if Meta.")] = None,
+    tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    eos_token: EosTokenOpt = None,
+    force: ForceOpt = False,
+    trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = False,
+    check_finite: FiniteOpt = False,
+) -> None:
+    """Convert any supported checkpoint to any target, including NeoX → NeoX resharding."""
+    from neoxconv.io import parse_size
+
+    if to is Target.neox:
+        opts = dict(tp=tp, pp=pp, layout=layout.value, schema=neox_schema.value, vocab_multiple=vocab_multiple)
+        if out_qkv_layout:
+            opts["out_qkv_layout"] = out_qkv_layout.value
+    elif to is Target.hf:
+        opts = dict(max_shard_size=parse_size(max_shard_size), trim_vocab_padding=trim_vocab_padding)
+    else:
+        opts = dict(shards=tp, style=value_of(meta_style))
+    _run_conversion(src, out, to.value, trust_pickle, config_files=config, family=family_of(arch),
+                    qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tokenizer=tokenizer, chat_template=chat_template,
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
+                    **opts)
