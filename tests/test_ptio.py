@@ -301,11 +301,16 @@ def test_slot_from_file_range_and_failures_leave_no_file(tmp_path):
     w0 = torch.randn(64, 8)
     torch.save({"w": w0}, src)
     rec = index_pt(src).tensors()["w"]
-    slot = Slot(torch.float32, (64, 8))
+    slot, rows = Slot(torch.float32, (64, 8)), Slot(torch.float32, (40, 8))
     out = tmp_path / "out.pt"
-    with PtWriter(out, {"w": slot}) as w:
-        w.write(slot, FileRange(src, *rec.file_range))  # CRC computed from the mapped source
-    assert torch.equal(torch.load(out, weights_only=True)["w"], w0)
+    off, n = rec.file_range
+    with PtWriter(out, {"w": slot, "rows": rows}) as w:
+        w.write(slot, FileRange(src, off, n))  # CRC computed from the mapped source
+        # rows 0-9, 50-59 from the file, 20 rows from memory: one record from three parts
+        w.write(rows, [FileRange(src, off, 10 * 32), w0[20:40], FileRange(src, off + 50 * 32, 10 * 32)])
+    back = torch.load(out, weights_only=True)
+    assert torch.equal(back["w"], w0) and torch.equal(back["rows"], torch.cat([w0[:10], w0[20:40], w0[50:60]]))
+    assert zipfile.ZipFile(out).testzip() is None  # every record's CRC-32 is right
     with pytest.raises(ValueError, match="unwritten"):
         PtWriter(out, {"w": slot, "v": Slot(torch.float16, (2,))}).close()
     assert not out.exists()

@@ -61,8 +61,9 @@ class MappedFile:
             base = torch.frombuffer(self._mm, dtype=rec.dtype, count=count, offset=st.offset)
         return base.as_strided(rec.shape, rec.stride, rec.storage_offset)
 
-    def crc32(self, offset: int, nbytes: int) -> int:
-        return zlib.crc32(self.view(offset, nbytes))
+    def crc32(self, offset: int, nbytes: int, start: int = 0) -> int:
+        """CRC-32 of a byte range, continuing from `start` (the CRC of what precedes it)."""
+        return zlib.crc32(self.view(offset, nbytes), start)
 
 
 def read_tensor(fd: int, rec: TensorRecord, out: torch.Tensor | None = None) -> torch.Tensor:

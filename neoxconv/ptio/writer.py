@@ -224,6 +224,7 @@ class PtWriter:
         self._recs = {s.key: _Record(4 + i, s.nbytes) for i, s in enumerate(storages)}
         self._small: dict[int, tuple[int, list[int]]] = {}  # entry index -> (crc, words)
         self._lock = threading.Lock()
+        self._claimed: set[str] = set()
         self._sources: dict[Path, tuple[int, MappedFile | None]] = {}
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -243,9 +244,9 @@ class PtWriter:
         """Slots still to be written, in file order."""
         return [s.source for s in self._storages if isinstance(s.source, Slot) and self._recs[s.key].crc is None]
 
-    def write(self, slot: Slot, data: torch.Tensor | bytes | bytearray | memoryview | FileRange) -> None:
-        """The bytes of one Slot: a tensor of its dtype and shape, raw bytes, or a FileRange.
-        Thread-safe; any order."""
+    def write(self, slot: Slot, data) -> None:
+        """The bytes of one Slot: a tensor of its dtype and shape, raw bytes, a FileRange, or a
+        list of those in order (concatenated). Thread-safe; any order."""
         st = self._slot_storage.get(id(slot))
         if st is None:
             raise KeyError(f"{slot} is not a slot of this file")
@@ -257,28 +258,36 @@ class PtWriter:
     # -- internals -----------------------------------------------------------------------------
 
     def _write_storage(self, st: _StorageStub, data: Any) -> None:
+        """Write one storage record from a tensor, bytes, a FileRange, or a list of those
+        concatenated (e.g. a dim-0 merge of ranks: ranges of several source files)."""
         rec = self._recs[st.key]
         entry = self._entries[rec.index]
-        if isinstance(data, FileRange):
-            if data.nbytes != rec.nbytes:
-                raise ValueError(f"data/{st.key} needs {rec.nbytes} bytes, the range has {data.nbytes}")
-            fd, mapped = self._source(data.path, need_map=data.crc32 is None)
-            crc = data.crc32 if data.crc32 is not None else mapped.crc32(data.offset, data.nbytes)
-            head = os.pread(fd, 8, data.offset)
-            pwrite_all(self._fd, entry.header, entry.header_offset)
-            copy_range(fd, data.offset, self._fd, entry.data_offset, data.nbytes)
-        else:
-            mv = _raw_bytes(data)
-            if len(mv) != rec.nbytes:
-                raise ValueError(f"data/{st.key} needs {rec.nbytes} bytes, got {len(mv)}")
-            crc = zlib.crc32(mv)
-            head = bytes(mv[:8])
-            pwrite_all(self._fd, entry.header, entry.header_offset)
-            pwrite_all(self._fd, mv, entry.data_offset)
+        parts = [p if isinstance(p, FileRange) else _raw_bytes(p)
+                 for p in (data if isinstance(data, (list, tuple)) else [data])]
+        sizes = [p.nbytes if isinstance(p, FileRange) else len(p) for p in parts]
+        if sum(sizes) != rec.nbytes:
+            raise ValueError(f"data/{st.key} needs {rec.nbytes} bytes, got {sum(sizes)}")
+        with self._lock:
+            if st.key in self._claimed:
+                raise ValueError(f"data/{st.key} written twice")
+            self._claimed.add(st.key)
+        pwrite_all(self._fd, entry.header, entry.header_offset)
+        crc, head, at = 0, b"", entry.data_offset
+        for part, n in zip(parts, sizes, strict=True):
+            if isinstance(part, FileRange):
+                whole = len(parts) == 1 and part.crc32 is not None  # the CRC of the source record
+                fd, mapped = self._source(part.path, need_map=not whole)
+                crc = part.crc32 if whole else mapped.crc32(part.offset, n, crc)
+                if len(head) < 8:
+                    head += os.pread(fd, 8 - len(head), part.offset)
+                copy_range(fd, part.offset, self._fd, at, n)
+            else:
+                crc = zlib.crc32(part, crc)
+                head += bytes(part[:8 - len(head)])
+                pwrite_all(self._fd, part, at)
+            at += n
         pwrite_all(self._fd, entry.descriptor(crc), entry.data_offset + entry.size)
         with self._lock:
-            if rec.crc is not None:
-                raise ValueError(f"data/{st.key} written twice")
             rec.crc, rec.words = crc, _descriptor_words(entry, head, crc)
 
     def _put(self, index: int, data: bytes) -> None:
