@@ -21,7 +21,8 @@ import torch
 from fixtures.neox_raw import random_rank_tensors, write_neox_checkpoint
 from neoxconv.errors import NeoxconvError
 from neoxconv.formats.neox import read_neox, write_neox
-from neoxconv.ptio import FileRange, MappedFile, PtWriter, Slot, TensorRecord, copy_range, index_pt, read_tensor, save
+from neoxconv.ptio import (FileRange, MappedFile, PtWriter, Slot, TensorRecord, copy_range, index_pt, index_safetensors,
+                           read_tensor, save)
 from neoxconv.ptio.zipformat import serialization_id
 
 CFG = dict(num_layers=2, hidden_size=32, num_attention_heads=4, rotary_pct=0.25, gpt_j_residual=True,
@@ -318,6 +319,22 @@ def test_slot_from_file_range_and_failures_leave_no_file(tmp_path):
         with PtWriter(out, {"w": slot}) as w:
             w.write(slot, torch.zeros(64, 8, dtype=torch.float16))
     assert not out.exists()
+
+
+def test_safetensors_records_read_and_copy(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "m.safetensors"
+    tensors = {"a": torch.randn(5, 3).bfloat16(), "b": torch.arange(4), "e": torch.empty(0, 2)}
+    save_file(tensors, src, metadata={"format": "pt"})
+    records, meta = index_safetensors(src)
+    assert meta == {"format": "pt"} and set(records) == set(tensors)
+    mapped = MappedFile(src)
+    assert all(torch.equal(mapped.tensor(r), load_file(src)[k]) for k, r in records.items())
+    slot = Slot(torch.bfloat16, (5, 3))
+    with PtWriter(tmp_path / "x.pt", {"a": slot}) as w:
+        w.write(slot, FileRange(src, *records["a"].file_range))  # CRC computed while copying
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["a"], tensors["a"])
 
 
 def test_serialization_id_matches_torch(tmp_path):

@@ -52,7 +52,7 @@ class StorageRecord:
     dtype: torch.dtype  # the dtype the storage was saved with (uint8 for untyped storages)
     nbytes: int
     offset: int  # byte offset of the record's data in the file
-    crc32: int  # from the central directory: lets an unchanged copy skip recomputing it
+    crc32: int | None  # from the central directory (None for safetensors): an unchanged copy reuses it
     location: str  # where it lived when saved ("cpu", "cuda:0"); irrelevant for reading
 
 
