@@ -17,10 +17,11 @@ Checkpoints (random fp16 weights, hidden 2048, made in DIR, default a temp dir; 
 Paths: neox-to-hf from both layouts, hf-to-neox --tp 4 in both layouts, NeoX -> NeoX tp2 -> tp4
 (pipeline -> pipeline), HF -> Meta with 2 shards. Each run is a fresh process:
 
-- time: measured inside that process, from after the imports (torch, transformers, neoxconv's
-  modules; what `neoxconv` pays at start whatever the work) to the end of the command, i.e.
-  seconds beyond interpreter start; `cp -r` of the path's source is timed as a process (its
-  start costs milliseconds). Each is the median of --repeat runs, cp and conversion alternating,
+- time: wall and CPU seconds (all threads, user + system) measured inside that process, from
+  after the imports (torch, transformers, neoxconv's modules: what `neoxconv` pays at start
+  whatever the work) to the end of the command, i.e. seconds beyond interpreter start; `cp -r`
+  of the path's source is timed as a process (its start costs milliseconds). CPU seconds are the
+  steadier figure on a loaded shared machine. Each is the median of --repeat runs, cp and conversion alternating,
   sources read once before (page cache warm), outputs deleted between runs;
 - memory: RssAnon of the process (memory it owns: heap, tensors; not the page cache of mapped
   checkpoint files, which the kernel may drop at any time) sampled every 5 ms from outside; the
@@ -60,7 +61,7 @@ PATHS = {  # name -> (source, neoxconv arguments after SRC OUT)
 
 # Runs in the measured process: import what any conversion imports, then time the command only.
 DRIVER = r"""
-import json, os, sys, time
+import json, os, resource, sys, time
 import numpy, torch, safetensors.torch, transformers, yaml, rich
 import transformers.models.gpt_neox, transformers.models.llama
 import neoxconv.cli, neoxconv.convert, neoxconv.graph, neoxconv.publish, neoxconv.modelcard, neoxconv.tokenizer
@@ -71,14 +72,18 @@ def anon_kb():
             return int(line.split()[1])
 report = sys.argv[1]
 sys.argv = ["neoxconv", *sys.argv[2:]]
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 start_anon = anon_kb()
-t = time.perf_counter()
+c, t = cpu(), time.perf_counter()
 code = 0
 try:
     neoxconv.cli.main()
 except SystemExit as e:
     code = e.code or 0
-json.dump({"seconds": time.perf_counter() - t, "start_anon_kb": start_anon, "code": code}, open(report, "w"))
+json.dump({"seconds": time.perf_counter() - t, "cpu": cpu() - c, "start_anon_kb": start_anon, "code": code},
+          open(report, "w"))
 sys.exit(code)
 """
 
@@ -203,8 +208,9 @@ def _anon_kb(pid: int) -> int:
     return 0
 
 
-def run_conversion(args: list[str], report: Path) -> tuple[float, float]:
-    """(seconds beyond imports, peak RssAnon above the post-import level in MiB) of one run."""
+def run_conversion(args: list[str], report: Path) -> tuple[float, float, float]:
+    """(seconds beyond imports, CPU seconds of all its threads in that time, peak RssAnon above
+    the post-import level in MiB) of one run."""
     p = subprocess.Popen([sys.executable, "-c", DRIVER, str(report), *args], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -224,13 +230,18 @@ def run_conversion(args: list[str], report: Path) -> tuple[float, float]:
     if p.returncode:
         raise SystemExit(f"neoxconv {' '.join(args)} failed ({p.returncode}): {err.strip()[-500:]}")
     r = json.loads(report.read_text())
-    return r["seconds"], max(0, peak - r["start_anon_kb"]) / 1024
+    return r["seconds"], r["cpu"], max(0, peak - r["start_anon_kb"]) / 1024
 
 
-def run_cp(src: Path, dst: Path) -> float:
+def run_cp(src: Path, dst: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `cp -r src dst`."""
     t = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    return time.perf_counter() - t
+    p = subprocess.Popen(["cp", "-r", str(src), str(dst)])
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"cp -r {src} {dst} failed")
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime
 
 
 def _warm(path: Path) -> None:
@@ -244,19 +255,23 @@ def _warm(path: Path) -> None:
 def measure(name: str, src: Path, work: Path, repeat: int) -> dict:
     source, argv = PATHS[name]
     _warm(src)
-    cps, secs, mems, loads = [], [], [], []
+    cps, cp_cpus, secs, cpus, mems, loads = [], [], [], [], [], []
     for _ in range(repeat):
         out = work / "out"
-        cps.append(run_cp(src, out))
+        w, c = run_cp(src, out)
+        cps.append(w)
+        cp_cpus.append(c)
         shutil.rmtree(out)
         loads.append(os.getloadavg()[0])
         args = [argv[0], str(src), str(out), *argv[1:]]
-        s, m = run_conversion(args, work / "report.json")
+        s, c, m = run_conversion(args, work / "report.json")
         shutil.rmtree(out)
         secs.append(s)
+        cpus.append(c)
         mems.append(m)
-    return {"path": name, "source_bytes": _dir_bytes(src), "cp_s": statistics.median(cps),
-            "s": statistics.median(secs), "peak_anon_mib": max(mems), "runs_s": secs, "cp_runs_s": cps,
+    med = statistics.median
+    return {"path": name, "source_bytes": _dir_bytes(src), "cp_s": med(cps), "cp_cpu": med(cp_cpus),
+            "s": med(secs), "cpu": med(cpus), "peak_anon_mib": max(mems), "runs_s": secs, "cp_runs_s": cps,
             "load": loads}
 
 
@@ -269,26 +284,31 @@ def largest_group_mib(source: str) -> float:
 
 
 def table(results: dict[int, dict[str, dict]], depths: list[int]) -> str:
+    """Markdown: per depth wall and CPU seconds with their ratio to cp -r of the same source,
+    growth with depth, and peak anonymous memory."""
     lo, hi = depths[0], depths[-1]
-    head = "| path |" + "".join(f" {d} layers: s (× cp -r) |" for d in depths)
-    head += f" growth {lo}→{hi}: time / bytes |" if len(depths) > 1 else ""
+    head = "| path |" + "".join(f" {d} layers: wall s (× cp -r) | {d} layers: CPU s (× cp -r) |" for d in depths)
+    head += f" growth {lo}→{hi}: wall / CPU / bytes |" if len(depths) > 1 else ""
     head += " peak anon above import, MiB (× largest group) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    cp_row = "| `cp -r` (of each path's source; neox-pipeline shown) |"
+    ref = {d: results[d].get("neox-to-hf-pipeline") or next(iter(results[d].values())) for d in depths}
+    row = f"| `cp -r` ({PATHS[ref[lo]['path']][0]}) |"
     for d in depths:
-        r = results[d].get("neox-to-hf-pipeline") or next(iter(results[d].values()))
-        cp_row += f" {r['cp_s']:.2f} s ({r['source_bytes'] / 1e9:.2f} GB) |"
-    lines.append(cp_row + (" |" if len(depths) > 1 else "") + " |")
+        row += f" {ref[d]['cp_s']:.2f} ({ref[d]['source_bytes'] / 1e9:.2f} GB) | {ref[d]['cp_cpu']:.2f} |"
+    if len(depths) > 1:
+        row += f" {ref[hi]['cp_s'] / ref[lo]['cp_s']:.2f}× / {ref[hi]['cp_cpu'] / ref[lo]['cp_cpu']:.2f}× / " \
+               f"{ref[hi]['source_bytes'] / ref[lo]['source_bytes']:.2f}× |"
+    lines.append(row + " |")
     for name in PATHS:
         if name not in results[lo]:
             continue
         row = f"| {name} |"
         for d in depths:
             r = results[d][name]
-            row += f" {r['s']:.2f} ({r['s'] / r['cp_s']:.1f}×) |"
+            row += f" {r['s']:.2f} ({r['s'] / r['cp_s']:.1f}×) | {r['cpu']:.2f} ({r['cpu'] / r['cp_cpu']:.1f}×) |"
         if len(depths) > 1:
             a, b = results[lo][name], results[hi][name]
-            row += f" {b['s'] / a['s']:.2f}× / {b['source_bytes'] / a['source_bytes']:.2f}× |"
+            row += f" {b['s'] / a['s']:.2f}× / {b['cpu'] / a['cpu']:.2f}× / {b['source_bytes'] / a['source_bytes']:.2f}× |"
         group = largest_group_mib(PATHS[name][0])
         row += " " + " / ".join(f"{results[d][name]['peak_anon_mib']:.0f} "
                                 f"({results[d][name]['peak_anon_mib'] / group:.1f}×)" for d in depths) + " |"
@@ -325,8 +345,8 @@ def main() -> None:
             for name in a.paths:
                 r = measure(name, srcs[PATHS[name][0]], root, a.repeat)
                 results[layers][name] = r
-                print(f"{layers:>3} layers  {name:<28} {r['s']:7.2f} s  cp -r {r['cp_s']:5.2f} s  "
-                      f"ratio {r['s'] / r['cp_s']:5.1f}  peak anon {r['peak_anon_mib']:6.0f} MiB  "
+                print(f"{layers:>3} layers  {name:<28} {r['s']:7.2f} s (cpu {r['cpu']:6.2f})  cp -r {r['cp_s']:5.2f} s "
+                      f"(cpu {r['cp_cpu']:5.2f})  ratio {r['s'] / r['cp_s']:5.1f}  peak anon {r['peak_anon_mib']:6.0f} MiB  "
                       f"runs {['%.2f' % x for x in r['runs_s']]}  load {['%.1f' % x for x in r['load']]}", flush=True)
     finally:
         if not a.keep and a.dir is None:
