@@ -141,7 +141,8 @@ def test_index_reads_headers_not_tensor_data(tmp_path):
     torch.save({f"w{i}": torch.randn(1 << 20) for i in range(8)}, path)  # 32 MiB of tensors
 
     def rchar() -> int:
-        return int(next(ln for ln in Path("/proc/self/io").read_text().splitlines() if ln.startswith("rchar")).split()[1])
+        lines = Path("/proc/self/io").read_text().splitlines()
+        return int(next(ln for ln in lines if ln.startswith("rchar")).split()[1])
 
     before = rchar()
     idx = index_pt(path)
