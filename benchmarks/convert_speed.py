@@ -308,7 +308,8 @@ def table(results: dict[int, dict[str, dict]], depths: list[int]) -> str:
             row += f" {r['s']:.2f} ({r['s'] / r['cp_s']:.1f}×) | {r['cpu']:.2f} ({r['cpu'] / r['cp_cpu']:.1f}×) |"
         if len(depths) > 1:
             a, b = results[lo][name], results[hi][name]
-            row += f" {b['s'] / a['s']:.2f}× / {b['cpu'] / a['cpu']:.2f}× / {b['source_bytes'] / a['source_bytes']:.2f}× |"
+            grow = b["source_bytes"] / a["source_bytes"]
+            row += f" {b['s'] / a['s']:.2f}× / {b['cpu'] / a['cpu']:.2f}× / {grow:.2f}× |"
         group = largest_group_mib(PATHS[name][0])
         row += " " + " / ".join(f"{results[d][name]['peak_anon_mib']:.0f} "
                                 f"({results[d][name]['peak_anon_mib'] / group:.1f}×)" for d in depths) + " |"
@@ -345,8 +346,9 @@ def main() -> None:
             for name in a.paths:
                 r = measure(name, srcs[PATHS[name][0]], root, a.repeat)
                 results[layers][name] = r
-                print(f"{layers:>3} layers  {name:<28} {r['s']:7.2f} s (cpu {r['cpu']:6.2f})  cp -r {r['cp_s']:5.2f} s "
-                      f"(cpu {r['cp_cpu']:5.2f})  ratio {r['s'] / r['cp_s']:5.1f}  peak anon {r['peak_anon_mib']:6.0f} MiB  "
+                print(f"{layers:>3} layers  {name:<28} {r['s']:7.2f} s (cpu {r['cpu']:6.2f})  "
+                      f"cp -r {r['cp_s']:5.2f} s (cpu {r['cp_cpu']:5.2f})  ratio {r['s'] / r['cp_s']:5.1f}  "
+                      f"peak anon {r['peak_anon_mib']:6.0f} MiB  "
                       f"runs {['%.2f' % x for x in r['runs_s']]}  load {['%.1f' % x for x in r['load']]}", flush=True)
     finally:
         if not a.keep and a.dir is None:

@@ -103,7 +103,8 @@ def neox_files(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("neox")
     files = []
     for layout, dtype in (("pipeline", torch.float16), ("sequential", torch.bfloat16)):
-        ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False, dtype=dtype)
+        ranks = random_rank_tensors(tp=2, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False,
+                                    dtype=dtype)
         save_dir = write_neox_checkpoint(root / f"raw-{layout}", ranks, CFG, layout=layout)
         files += sorted((save_dir / "global_step1000").glob("*.pt"))
         out = root / f"ours-{layout}"
@@ -269,7 +270,8 @@ def test_streamed_slots_any_order_any_thread(tmp_path):
     """A sequential NeoX mp_rank file planned from shapes, tensors written out of order from
     threads: equals torch.save of the same dict; loads with and without mmap."""
     g = torch.Generator().manual_seed(1)
-    module = {f"sequential.{i}.w{j}": torch.randn(17 * (j + 1), 8, generator=g).half() for i in range(3) for j in range(3)}
+    module = {f"sequential.{i}.w{j}": torch.randn(17 * (j + 1), 8, generator=g).half()
+              for i in range(3) for j in range(3)}
     state = {"module": module, "buffer_names": [], "optimizer": None, "lr_scheduler": None,
              "sparse_tensor_module_names": [], "skipped_steps": 0, "global_steps": 7, "global_samples": 0,
              "dp_world_size": 1, "mp_world_size": 2, "iteration": 7}

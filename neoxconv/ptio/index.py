@@ -141,8 +141,8 @@ def index_pt(path: Path, trust: bool | None = None) -> PtIndex:
     try:
         with open(path, "rb") as f:
             if not zipfile.is_zipfile(f):
-                raise NeoxconvError(f"{path}: not a torch zip archive (a legacy pre-1.6 torch file or not a checkpoint); "
-                                    "re-save it with torch >= 1.6")
+                raise NeoxconvError(f"{path}: not a torch zip archive (a legacy pre-1.6 torch file or not a "
+                                    "checkpoint); re-save it with torch >= 1.6")
             zf = zipfile.ZipFile(f)
             records, archive = _records(path, zf)
             offsets = _data_offsets(path, f, records)
@@ -262,7 +262,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-def _rebuild_tensor(storage: StorageRecord, storage_offset: int, size, stride, dtype: torch.dtype | None = None) -> TensorRecord:
+def _rebuild_tensor(storage: StorageRecord, storage_offset: int, size, stride,
+                    dtype: torch.dtype | None = None) -> TensorRecord:
     if not isinstance(storage, StorageRecord):
         raise pickle.UnpicklingError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
     dtype = dtype or storage.dtype
@@ -270,7 +271,8 @@ def _rebuild_tensor(storage: StorageRecord, storage_offset: int, size, stride, d
     if rec.numel:
         last = rec.storage_offset + sum((s - 1) * st for s, st in zip(rec.shape, rec.stride, strict=True))
         if min(rec.stride, default=0) < 0 or (last + 1) * dtype.itemsize > storage.nbytes:
-            raise pickle.UnpicklingError(f"tensor of shape {list(rec.shape)} reaches beyond its storage data/{storage.key}")
+            raise pickle.UnpicklingError(f"tensor of shape {list(rec.shape)} reaches beyond its storage "
+                                         f"data/{storage.key}")
     return rec
 
 
