@@ -4,6 +4,7 @@ whether time grows linearly with depth.
 
     python benchmarks/convert_speed.py [--layers 8 32] [--repeat 3] [--paths neox-to-hf-pipeline ...]
                                        [--dir DIR] [--keep] [--json FILE]
+    python benchmarks/convert_speed.py --io-primitives --dir DIR [--layers 32]
 
 Checkpoints (random fp16 weights, hidden 2048, made in DIR, default a temp dir; ~25 GB of disk at
 8 + 32 layers, checked first):
@@ -317,6 +318,61 @@ def table(results: dict[int, dict[str, dict]], depths: list[int]) -> str:
     return "\n".join(lines)
 
 
+def io_primitives(root: Path, layers: int) -> None:
+    """What the I/O layer (neoxconv.ptio) costs here, on the built checkpoints at one depth:
+    indexing vs unpickling an mp_rank file, rewriting files by copy_file_range vs torch.save, and
+    hashing throughput (the manifest's sha256, the zip records' CRC-32)."""
+    import hashlib
+    import resource
+    import zlib
+
+    import torch
+
+    from neoxconv.io import load_pickle
+    from neoxconv.ptio import index_pt, save
+
+    def clock(fn, repeat: int = 3) -> tuple[float, float]:
+        runs = []
+        for _ in range(repeat):
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            fn()
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            runs.append((time.perf_counter() - t0, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime))
+        return statistics.median(x for x, _ in runs), statistics.median(y for _, y in runs)
+
+    seq = next((root / f"L{layers}" / "neox-sequential").glob("global_step*/mp_rank_00_model_states.pt"))
+    pipe = next((root / f"L{layers}" / "neox-pipeline").glob("global_step*"))
+    print(f"\nI/O primitives, {layers} layers ({seq.stat().st_size / 1e9:.2f} GB mp_rank file), "
+          f"load {os.getloadavg()[0]:.1f}; median of 3, wall s / CPU s")
+    print(f"  index_pt(mp_rank)                      {'%.3f / %.3f' % clock(lambda: index_pt(seq))}")
+    print(f"  load_pickle(mp_rank) (torch.load mmap)  {'%.3f / %.3f' % clock(lambda: load_pickle(seq))}")
+    files = sorted(pipe.glob("layer_*.pt"))
+    nbytes = sum(f.stat().st_size for f in files)
+    out = root / "io-out"
+
+    def rewrite(how: str) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        for f in files:
+            if how == "torch":
+                torch.save(load_pickle(f), out / f.name)
+            elif how == "ptio":
+                save(index_pt(f).obj, out / f.name)
+            else:
+                shutil.copyfile(f, out / f.name)
+
+    for how, label in (("cp", "shutil.copyfile (cp)"), ("ptio", "index_pt + ptio.save (copy_file_range)"),
+                       ("torch", "load_pickle + torch.save")):
+        w, c = clock(lambda how=how: rewrite(how))
+        print(f"  rewrite {len(files)} layer files, {nbytes / 1e9:.2f} GB: {label:<40} {w:.2f} / {c:.2f} "
+              f"({nbytes / w / 1e9:.2f} GB/s)")
+    shutil.rmtree(out, ignore_errors=True)
+    buf = os.urandom(256 << 20)
+    for name, fn in (("sha256", lambda: hashlib.sha256(buf).digest()), ("crc32", lambda: zlib.crc32(buf))):
+        w, c = clock(fn)
+        print(f"  {name} of 256 MiB, one thread: {len(buf) / w / 1e9:.2f} GB/s wall, {len(buf) / c / 1e9:.2f} GB/s CPU")
+
+
 def main() -> None:
     global HIDDEN
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -327,9 +383,17 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to build (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints (reused by a later run with --dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    ap.add_argument("--io-primitives", action="store_true",
+                    help="only measure neoxconv.ptio's primitives on checkpoints already built in --dir")
     a = ap.parse_args()
     HIDDEN = a.hidden
     NEOX["ff"] = 4 * HIDDEN
+    if a.io_primitives:
+        if a.dir is None:
+            raise SystemExit("--io-primitives needs --dir with checkpoints built by an earlier --keep run")
+        for layers in a.layers:
+            io_primitives(a.dir, layers)
+        return
     root = a.dir or Path(tempfile.mkdtemp(prefix="neoxconv-speed-"))
     root.mkdir(parents=True, exist_ok=True)
     need = sum(4 * _model_bytes(L) for L in a.layers) + 1.3 * _model_bytes(max(a.layers))  # sources + one output
