@@ -2,7 +2,8 @@
 --max-shard-size) or pytorch_model*.bin; names, roles and config come from the family's table
 (neoxconv.archs): reading and writing HF is each role's merge and split at p = 1.
 
-Reading is lazy (safetensors are memory-mapped, tensors fetched per layer). Writing streams:
+Reading is lazy: names, shapes and byte ranges come from the file headers; each layer's tensors
+are rows of the memory-mapped files (neoxconv.lazy). Writing streams:
 the shard plan is made from shapes alone, then each layer is loaded, converted and appended,
 and every shard is flushed as soon as it is complete.
 """
@@ -13,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import DamagedInput, NeoxconvError
-from neoxconv.io import (SafetensorsStreamWriter, check_finite, check_finite_enabled, inside, load_pickle, read_json,
-                         write_json)
+from neoxconv.io import SafetensorsStreamWriter, check_finite, inside, read_json, write_json
+from neoxconv.lazy import Lazy
+from neoxconv.ptio import MappedFile, TensorRecord, index_pt, index_safetensors
 from neoxconv.tensormap import Group, TensorMap, group_of
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -52,51 +53,42 @@ def _weight_files(path: Path, strict: bool = True) -> list[Path]:
 
 
 class _Store:
-    """Tensor name -> file. Safetensors files are opened per layer load and closed again, so a
-    conversion does not keep every page it has touched mapped; pickles stay memory-mapped."""
+    """Tensor name -> file and record, from the file headers (safetensors headers; pickles'
+    zip directory and pickle, neoxconv.ptio): nothing is read or unpickled per access. A group
+    load maps its files and hands out Lazy rows of them (neoxconv.lazy)."""
 
     def __init__(self, files: list[Path]):
         self.where: dict[str, Path] = {}
-        self.metas: dict[str, torch.Tensor] = {}
-        self._open: dict[Path, object] = {}
+        self.records: dict[str, TensorRecord] = {}
         for f in files:
             if f.suffix == ".safetensors":
-                try:
-                    h = safe_open(str(f), framework="pt")
-                except Exception as e:  # noqa: BLE001
-                    raise DamagedInput(f"{f}: not a readable safetensors file ({e})") from None
-                for k in h.keys():
-                    sl = h.get_slice(k)
-                    if sl.get_dtype() not in _ST_DTYPES:
-                        raise NeoxconvError(f"{f}: tensor {k} has dtype {sl.get_dtype()}, which neoxconv does not read")
-                    self.metas[k] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES[sl.get_dtype()], device="meta")
-                    self.where[k] = f
-                    if check_finite_enabled():  # --check-finite: every tensor once, before anything is written
-                        check_finite(h.get_tensor(k), f, k)
-                del h
+                records, _ = index_safetensors(f)
             else:
-                sd = load_pickle(f)
-                if not isinstance(sd, dict):
+                tree = index_pt(f).obj
+                if not isinstance(tree, dict):
                     raise DamagedInput(f"{f}: expected a dict of tensors")
-                self._open[f] = sd
-                for k, v in sd.items():
-                    if isinstance(v, torch.Tensor):
-                        self.metas[k] = v.to("meta")
-                        self.where[k] = f
-                        check_finite(v, f, k)
+                records = {k: v for k, v in tree.items() if isinstance(v, TensorRecord)}
+            for k, rec in records.items():
+                if rec.dtype not in _ST_DTYPES.values():
+                    raise NeoxconvError(f"{f}: tensor {k} has dtype {str(rec.dtype).removeprefix('torch.')}, which "
+                                        "neoxconv does not read")
+                self.records[k] = rec
+                self.where[k] = f
+        self.metas = {k: Lazy.shape_only(rec.shape, rec.dtype) for k, rec in self.records.items()}
 
-    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[Path, list[str]] = {}
+    def get_many(self, names: list[str]) -> dict[str, Lazy]:
+        """The named tensors as Lazy rows of their (mapped) files; with --check-finite each is
+        scanned on the mapping the conversion then copies from."""
+        mapped: dict[Path, MappedFile] = {}
+        out = {}
         for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        out: dict[str, torch.Tensor] = {}
-        for f, group in by_file.items():
-            if f in self._open:
-                out.update({n: self._open[f][n] for n in group})
-            else:
-                with safe_open(str(f), framework="pt") as h:
-                    out.update({n: h.get_tensor(n) for n in group})
-        return {n: out[n] for n in names}
+            f = self.where[n]
+            if f not in mapped:
+                mapped[f] = MappedFile(f)
+            t = mapped[f].tensor(self.records[n])
+            check_finite(t, f, n)
+            out[n] = Lazy.of_record(t, self.records[n])
+        return out
 
 
 def _real_vocab(path: Path, rows: int) -> int | None:

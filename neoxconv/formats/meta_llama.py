@@ -53,7 +53,9 @@ import torch
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import DamagedInput, NeoxconvError
-from neoxconv.io import check_finite, load_pickle, owned, read_json, save_pickle, write_json
+from neoxconv.io import check_finite, owned, read_json, save_pickle, write_json
+from neoxconv.lazy import Lazy
+from neoxconv.ptio import MappedFile, TensorRecord, index_pt
 from neoxconv.roles import ROW, Context, resize_vocab
 from neoxconv.spec import ModelSpec
 from neoxconv.table import Entry, entries, merge_group, split_group, with_roles
@@ -146,15 +148,14 @@ def _shard_files(path: Path) -> list[Path]:
     return [f for _, f in found]
 
 
-def _load_shards(files: list[Path]) -> list[dict[str, torch.Tensor]]:
+def _index_shards(files: list[Path]) -> list[dict[str, TensorRecord]]:
+    """Each shard's tensor records, from its zip directory and pickle (no tensor data read)."""
     shards = []
-    for rank, f in enumerate(files):
-        sd = load_pickle(f)  # memory-mapped: tensors are read when touched (or now, by --check-finite)
+    for f in files:
+        sd = index_pt(f).obj
         if not isinstance(sd, dict) or EMBED not in sd:
             raise DamagedInput(f"{f}: not a Meta Llama shard (no {EMBED})")
-        shards.append({k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and k not in IGNORED})
-        for k, v in shards[-1].items():
-            check_finite(v, f, k, rank)
+        shards.append({k: v for k, v in sd.items() if isinstance(v, TensorRecord) and k not in IGNORED})
     keys0 = set(shards[0])
     for f, sd in zip(files[1:], shards[1:]):
         if set(sd) != keys0:
@@ -216,7 +217,7 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
     if family not in (None, "llama", "mistral"):
         raise NeoxconvError(f"{path}: a Meta Llama checkpoint cannot be read as {family!r} (use llama)")
     files = _shard_files(path)
-    shards = _load_shards(files)
+    shards = _index_shards(files)
     p = len(shards)
     dim, n_layers, heads = int(params["dim"]), int(params["n_layers"]), int(params["n_heads"])
     _check_names(files, set(shards[0]), n_layers)
@@ -263,7 +264,16 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
 
     def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:
         rows = names[group] if isinstance(group, str) else [e.at(group) for e in names["layer"]]
-        states = [{e.name: sd[e.name].to("meta") if meta else sd[e.name] for e in rows} for sd in shards]
+        if meta:
+            states = [{e.name: Lazy.shape_only(sd[e.name].shape, sd[e.name].dtype) for e in rows} for sd in shards]
+        else:  # Lazy rows of each shard, mapped (--check-finite scans the mapping the conversion copies from)
+            states = []
+            for rank, (f, sd) in enumerate(zip(files, shards, strict=True)):
+                mapped = MappedFile(f)
+                tensors = {e.name: mapped.tensor(sd[e.name]) for e in rows}
+                for k, t in tensors.items():
+                    check_finite(t, f, k, rank)
+                states.append({k: Lazy.of_record(t, sd[k]) for k, t in tensors.items()})
         out = merge_group(rows, states, ctx)
         if isinstance(group, int):
             q, k = f"layers.{group}.attn.q.weight", f"layers.{group}.attn.k.weight"

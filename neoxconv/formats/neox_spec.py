@@ -55,7 +55,7 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
                    recorded_layout: str | None = None) -> tuple[ModelSpec, str, str]:
     a = nf.args
     where = nf.tag_dir
-    emb = nf.rank_states(0)
+    emb = nf.records(0)  # shapes and names from the file headers
     if "position_embeddings.weight" in emb[0]:
         raise NeoxconvError(f"{nf.file_for(0)}: learned position embeddings are not supported (only rotary)")
     if a.get("pos_emb", "rotary") != "rotary":
@@ -68,7 +68,7 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
     if "num_attention_heads" not in a:
         raise NeoxconvError(f"{where}: num_attention_heads is unknown: no NeoX YAML in configs/; pass --config FILE")
     tp = nf.tp
-    layer = nf.rank_states(2)[0]
+    layer = nf.records(2)[0]
     schema = detect_schema(set(layer), str(nf.file_for(2)))
     act_name = a.get("activation", "gelu")
     llama_legacy = "mlp.w1.weight" in layer  # LLaMAParallelMLP (`mlp_type: llama`): w2(act(w1 x) * w3 x)

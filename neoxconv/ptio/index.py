@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from neoxconv.errors import NeoxconvError
+from neoxconv.errors import DamagedInput, NeoxconvError
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
 _LOCAL_SIG = 0x04034B50
@@ -141,40 +141,43 @@ def index_pt(path: Path, trust: bool | None = None) -> PtIndex:
     try:
         with open(path, "rb") as f:
             if not zipfile.is_zipfile(f):
-                raise NeoxconvError(f"{path}: not a torch zip archive (a legacy pre-1.6 torch file or not a "
-                                    "checkpoint); re-save it with torch >= 1.6")
+                raise DamagedInput(f"{path}: cannot load checkpoint: not a torch zip archive (damaged, empty, or a "
+                                   "legacy pre-1.6 torch file: re-save it with torch >= 1.6)")
             zf = zipfile.ZipFile(f)
             records, archive = _records(path, zf)
             offsets = _data_offsets(path, f, records)
             _check_format(path, zf, records)
             pkl = zf.read(records["data.pkl"])
+    except NeoxconvError:
+        raise
     except FileNotFoundError:
-        raise NeoxconvError(f"{path}: file not found") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise NeoxconvError(f"{path}: cannot read torch archive: {e}") from None
+        raise DamagedInput(f"{path}: file not found") from None
+    except Exception as e:  # noqa: BLE001 - zipfile raises many types on damage; the user needs one line
+        raise DamagedInput(f"{path}: cannot load checkpoint: damaged torch archive ({type(e).__name__}: {e})") from None
     unpickler = _RecordUnpickler(pkl, path, records, offsets, trust)
     try:
         obj = unpickler.load()
     except NeoxconvError:
         raise
     except Exception as e:  # noqa: BLE001 - a corrupt pickle raises anything; the user needs one line
-        raise NeoxconvError(f"{path}: cannot load checkpoint: {type(e).__name__}: {e}") from None
+        raise DamagedInput(f"{path}: cannot load checkpoint: {type(e).__name__}: {e}") from None
     return PtIndex(path, obj, records, archive)
 
 
 def _records(path: Path, zf: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], str]:
     infos = zf.infolist()
     if not infos or "/" not in infos[0].filename:
-        raise NeoxconvError(f"{path}: not a torch archive (records are not in one folder)")
+        raise DamagedInput(f"{path}: cannot load checkpoint: not a torch archive (records are not in one folder)")
     archive = infos[0].filename.split("/", 1)[0]
     records = {}
     for info in infos:
         folder, _, name = info.filename.partition("/")
         if folder != archive:
-            raise NeoxconvError(f"{path}: not a torch archive (records in folders {archive!r} and {folder!r})")
+            raise DamagedInput(f"{path}: cannot load checkpoint: not a torch archive (records in folders {archive!r} "
+                               f"and {folder!r})")
         records[name] = info
     if "data.pkl" not in records:
-        raise NeoxconvError(f"{path}: not a torch checkpoint (no data.pkl record; a TorchScript or other archive?)")
+        raise DamagedInput(f"{path}: cannot load checkpoint: no data.pkl record (a TorchScript or other archive?)")
     return records, archive
 
 
@@ -182,6 +185,7 @@ def _data_offsets(path: Path, f, records: dict[str, zipfile.ZipInfo]) -> dict[st
     """Where each data/ record's bytes start: after its local header, name and extra field."""
     offsets = {}
     fd = f.fileno()
+    size = os.fstat(fd).st_size
     for name, info in records.items():
         if not name.startswith("data/"):
             continue
@@ -189,9 +193,11 @@ def _data_offsets(path: Path, f, records: dict[str, zipfile.ZipInfo]) -> dict[st
             raise NeoxconvError(f"{path}: record {name} is compressed or encrypted; torch writes stored records only")
         raw = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
         if len(raw) != _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(raw)[0] != _LOCAL_SIG:
-            raise NeoxconvError(f"{path}: corrupt zip: no local header for record {name}")
+            raise DamagedInput(f"{path}: cannot load checkpoint: corrupt zip: no local header for record {name}")
         name_len, extra_len = _LOCAL_HEADER.unpack(raw)[9:11]
         offsets[name] = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if offsets[name] + info.file_size > size:
+            raise DamagedInput(f"{path}: cannot load checkpoint: record {name} ends beyond the file (truncated?)")
     return offsets
 
 
@@ -322,10 +328,10 @@ class _RecordUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> StorageRecord:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-            raise NeoxconvError(f"{self._path}: cannot load checkpoint: unknown persistent id {pid!r:.80}")
+            raise DamagedInput(f"{self._path}: cannot load checkpoint: unknown persistent id {pid!r:.80}")
         _, kind, key, location, numel = pid
         if not isinstance(kind, _Marker):
-            raise NeoxconvError(f"{self._path}: cannot load checkpoint: storage of unknown type {kind!r:.80}")
+            raise DamagedInput(f"{self._path}: cannot load checkpoint: storage of unknown type {kind!r:.80}")
         key = key.decode() if isinstance(key, bytes) else str(key)
         if key in self._storages:
             return self._storages[key]
@@ -333,10 +339,11 @@ class _RecordUnpickler(pickle.Unpickler):
         info = self._records.get(name)
         nbytes = int(numel) * kind.dtype.itemsize
         if info is None:
-            raise NeoxconvError(f"{self._path}: corrupt checkpoint: the pickle names storage {name}, which is missing")
+            raise DamagedInput(f"{self._path}: cannot load checkpoint: the pickle names storage {name}, which is "
+                               "missing")
         if info.file_size != nbytes:
-            raise NeoxconvError(f"{self._path}: corrupt checkpoint: {name} has {info.file_size} bytes, the pickle says "
-                                f"{nbytes}")
+            raise DamagedInput(f"{self._path}: cannot load checkpoint: {name} has {info.file_size} bytes, the pickle "
+                               f"says {nbytes}")
         loc = location.decode() if isinstance(location, bytes) else str(location)
         rec = StorageRecord(self._path, key, kind.dtype, nbytes, self._offsets[name], info.CRC, loc)
         self._storages[key] = rec

@@ -63,7 +63,12 @@ class MappedFile:
 
     def crc32(self, offset: int, nbytes: int, start: int = 0) -> int:
         """CRC-32 of a byte range, continuing from `start` (the CRC of what precedes it)."""
-        return zlib.crc32(self.view(offset, nbytes), start)
+        return crc32(self.view(offset, nbytes), start)
+
+
+def crc32(data, start: int = 0) -> int:
+    """CRC-32 (zip's) of a bytes-like object, continuing from `start`. zlib releases the GIL."""
+    return zlib.crc32(data, start)
 
 
 def read_tensor(fd: int, rec: TensorRecord, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import io
+from collections.abc import Callable
 import os
 import pickle
 import threading
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from neoxconv.ptio.index import StorageRecord, TensorRecord, storage_classes
-from neoxconv.ptio.ranges import MappedFile, copy_range, pwrite_all
+from neoxconv.ptio.ranges import MappedFile, copy_range, crc32, pwrite_all
 from neoxconv.ptio.zipformat import DESCRIPTOR_SIG, central_directory, layout, serialization_id
 
 PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
@@ -59,12 +60,14 @@ class Slot:
 
 @dataclass(frozen=True)
 class FileRange:
-    """Bytes of another file: copied with copy_file_range; crc32 known or computed from a mapping."""
+    """Bytes of another file: copied with copy_file_range; crc32 known, or computed from `data`
+    (the same bytes, e.g. a mapped view, when the caller has them) or from a mapping."""
 
     path: Path
     offset: int
     nbytes: int
     crc32: int | None = None
+    data: Any = field(default=None, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +215,13 @@ def _archive_name(path: Path) -> str:
 
 
 class PtWriter:
-    def __init__(self, path: Path, tree: Any, archive: str | None = None):
+    """`on_write(offset, nbytes)` is called after every write into the file (from the writing
+    thread): a reader can follow what is finished (neoxconv.pipeline hashes files as they grow)."""
+
+    def __init__(self, path: Path, tree: Any, archive: str | None = None,
+                 on_write: Callable[[int, int], None] | None = None):
         self.path = Path(path)
+        self._on_write = on_write
         pkl, storages, slots = pickle_tree(tree)
         self._storages = storages
         self._slot_storage = slots
@@ -225,9 +233,10 @@ class PtWriter:
         self._small: dict[int, tuple[int, list[int]]] = {}  # entry index -> (crc, words)
         self._lock = threading.Lock()
         self._claimed: set[str] = set()
-        self._sources: dict[Path, tuple[int, MappedFile | None]] = {}
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._sources: dict[Path, MappedFile] = {}
+        self._fd = -1
         try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._put(0, pkl)
             for i, (_, data) in enumerate(_FORMAT_RECORDS, start=1):
                 self._put(i, data)
@@ -271,22 +280,32 @@ class PtWriter:
             if st.key in self._claimed:
                 raise ValueError(f"data/{st.key} written twice")
             self._claimed.add(st.key)
-        pwrite_all(self._fd, entry.header, entry.header_offset)
+        self._pwrite(entry.header, entry.header_offset)
         crc, head, at = 0, b"", entry.data_offset
         for part, n in zip(parts, sizes, strict=True):
             if isinstance(part, FileRange):
                 whole = len(parts) == 1 and part.crc32 is not None  # the CRC of the source record
-                fd, mapped = self._source(part.path, need_map=not whole)
-                crc = part.crc32 if whole else mapped.crc32(part.offset, n, crc)
-                if len(head) < 8:
-                    head += os.pread(fd, 8 - len(head), part.offset)
-                copy_range(fd, part.offset, self._fd, at, n)
+                if whole:
+                    crc = part.crc32
+                elif part.data is not None:
+                    crc = crc32(part.data, crc)
+                else:
+                    crc = self._mapped(part.path).crc32(part.offset, n, crc)
+                fd = os.open(part.path, os.O_RDONLY)  # per part: writers hold no source fds
+                try:
+                    if len(head) < 8:
+                        head += bytes(part.data[:8 - len(head)]) if part.data is not None else \
+                            os.pread(fd, 8 - len(head), part.offset)
+                    self._io(copy_range, fd, part.offset, self._fd, at, n)
+                finally:
+                    os.close(fd)
             else:
-                crc = zlib.crc32(part, crc)
+                crc = crc32(part, crc)
                 head += bytes(part[:8 - len(head)])
-                pwrite_all(self._fd, part, at)
+                self._io(pwrite_all, self._fd, part, at)
+            self._wrote(at, n)
             at += n
-        pwrite_all(self._fd, entry.descriptor(crc), entry.data_offset + entry.size)
+        self._pwrite(entry.descriptor(crc), entry.data_offset + entry.size)
         with self._lock:
             rec.crc, rec.words = crc, _descriptor_words(entry, head, crc)
 
@@ -294,19 +313,33 @@ class PtWriter:
         """A small record (pickle, format records, version, id), written whole."""
         entry = self._entries[index]
         crc = zlib.crc32(data)
-        pwrite_all(self._fd, entry.header + data + entry.descriptor(crc), entry.header_offset)
+        self._pwrite(entry.header + data + entry.descriptor(crc), entry.header_offset)
         self._small[index] = (crc, _descriptor_words(entry, data[:8], crc))
 
-    def _source(self, path: Path, need_map: bool) -> tuple[int, MappedFile | None]:
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        self._io(pwrite_all, self._fd, data, offset)
+        self._wrote(offset, len(data))
+
+    def _wrote(self, offset: int, nbytes: int) -> None:
+        if self._on_write is not None and nbytes:
+            self._on_write(offset, nbytes)
+
+    def _io(self, fn, *args):
+        """An OS call on the output; its error names this file (the OS names none for pwrite)."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            raise
+
+    def _mapped(self, path: Path) -> MappedFile:
+        """A source file mapped for the CRC of ranges whose bytes the caller did not pass."""
         path = Path(path)
         with self._lock:
-            fd, mapped = self._sources.get(path, (None, None))
-            if fd is None:
-                fd = os.open(path, os.O_RDONLY)
-            if need_map and mapped is None:
-                mapped = MappedFile(path)
-            self._sources[path] = (fd, mapped)
-        return fd, mapped
+            if path not in self._sources:
+                self._sources[path] = MappedFile(path)
+            return self._sources[path]
 
     def close(self) -> None:
         """Write what the tree holds itself (source records, tensors), the trailing records and
@@ -334,8 +367,8 @@ class PtWriter:
             sid = serialization_id(self._names[:-1], words).encode()
             self._put(len(self._entries) - 1, sid)
             crcs[-1] = self._small[len(self._entries) - 1][0]
-            pwrite_all(self._fd, central_directory(self._entries, crcs), self._entries[-1].end)
-            os.ftruncate(self._fd, self.nbytes)
+            self._pwrite(central_directory(self._entries, crcs), self._entries[-1].end)
+            self._io(os.ftruncate, self._fd, self.nbytes)
         except BaseException:
             self.abort()
             raise
@@ -346,8 +379,6 @@ class PtWriter:
         return rec.crc, rec.words
 
     def _close_fds(self) -> None:
-        for fd, _ in self._sources.values():
-            os.close(fd)
         self._sources.clear()
         if self._fd >= 0:
             os.close(self._fd)
