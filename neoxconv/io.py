@@ -155,32 +155,43 @@ def parse_size(text: str) -> int:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool = False, tmp: Path | None = None,
+                      keep_on_error: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out` in one rename.
 
     On any error the temporary directory is removed, so a failed run never leaves something
-    that looks like a finished output. An existing `out` is refused unless `force`.
+    that looks like a finished output. An existing `out` is refused unless `force`. `tmp`: an
+    earlier run's temporary directory to write into again, and `keep_on_error`: leave it for the
+    next try (both for --resume, neoxconv.resume); it is hidden and never looks finished.
     """
     out = Path(out)
     if out.exists() and not force:
         raise NeoxconvError(f"{out}: output already exists (pass --force to replace it)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as e:
-        raise NeoxconvError(f"{out.parent}: cannot create the output here ({e.strerror or e})") from None
+    if tmp is None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        except OSError as e:
+            raise NeoxconvError(f"{out.parent}: cannot create the output here ({e.strerror or e})") from None
+
+    def cleanup() -> str:
+        if keep_on_error:
+            return f" (finished files kept in {tmp} for --resume)"
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ""
+
     try:
         yield tmp
     except OSError as e:  # a full or read-only disk, a write the OS refused: one line, no partial output
-        shutil.rmtree(tmp, ignore_errors=True)
+        kept = cleanup()
         name = str(e.filename or "")
         if name and not name.startswith(str(tmp)):  # an input the OS refused to read
-            raise NeoxconvError(f"{name}: {e.strerror or e}; nothing was written to {out}") from e
+            raise NeoxconvError(f"{name}: {e.strerror or e}; nothing was written to {out}{kept}") from e
         where = name.replace(str(tmp), str(out)) or str(out)
         raise NeoxconvError(f"{where}: cannot write the output ({e.strerror or e}); nothing was written "
-                            f"to {out}") from e
+                            f"to {out}{kept}") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        cleanup()
         raise
     old = None
     if out.exists():

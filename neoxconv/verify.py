@@ -112,6 +112,9 @@ def _check_contents(path: Path, config_files, report: VerifyReport) -> None:
     ckpt = graph.read(path, fmt=fmt, config_files=config_files)
     report.tensors = len(list(ckpt.tensors))
     check_shapes(ckpt)
+    from neoxconv.convert import scan_source
+
+    scan_source(ckpt)  # every tensor's data: NaN/Inf (and NeoX drift)
     if fmt != "neox":
         return
     nf = ckpt.info["files"]

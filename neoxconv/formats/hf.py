@@ -3,9 +3,9 @@
 (neoxconv.archs): reading and writing HF is each role's merge and split at p = 1.
 
 Reading is lazy: names, shapes and byte ranges come from the file headers; each layer's tensors
-are rows of the memory-mapped files (neoxconv.lazy). Writing streams:
-the shard plan is made from shapes alone, then each layer is loaded, converted and appended,
-and every shard is flushed as soon as it is complete.
+are rows of the memory-mapped files (neoxconv.lazy). Writing is a plan
+(neoxconv.plan): the shards are packed from shapes alone, then neoxconv.pipeline writes every
+tensor at its offset, rows that do not change copied file to file.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import DamagedInput, NeoxconvError
-from neoxconv.io import SafetensorsStreamWriter, check_finite, inside, read_json, write_json
+from neoxconv.io import check_finite, inside, read_json, write_json
 from neoxconv.lazy import Lazy
+from neoxconv.plan import Plan, make_plan, safetensors_file
 from neoxconv.ptio import MappedFile, TensorRecord, index_pt, index_safetensors
 from neoxconv.tensormap import Group, TensorMap, group_of
 
@@ -159,10 +160,19 @@ def _order(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(sorted(d.items()))
 
 
-def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 10**9,
-             trim_vocab_padding: bool = False, family: str | None = None,
-             progress: Callable[[str], None] | None = None) -> dict:
+def write_hf(ckpt: Checkpoint, out: Path, *, progress: Callable[[int], None] | None = None, workers: int = 1,
+             **opts) -> dict:
     """Write an HF directory into `out` (exists, empty). Returns a summary."""
+    from neoxconv.pipeline import execute
+
+    plan = plan_hf(ckpt, **opts)
+    execute(plan, out, workers=workers, progress=progress)
+    return plan.finish(out)
+
+
+def plan_hf(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 10**9,
+            trim_vocab_padding: bool = False, family: str | None = None) -> Plan:
+    """The files of an HF export (neoxconv.plan): safetensors shards packed in tensor order."""
     spec = ckpt.spec
     if family and family != spec.family:
         spec = spec.replace(family=family)
@@ -178,49 +188,42 @@ def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, m
     def to_hf(group: Group, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return arch.from_canonical(out_spec, {k: v.to(out_dtype) for k, v in t.items()})
 
-    # Plan: HF names, dtypes and shapes per group from metas alone, then pack shards in order.
+    # Shards: HF names, dtypes and shapes per group from the headers alone, packed in order.
     groups = ckpt.tensors.groups()
-    plan: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
-    for g in groups:
-        for name, t in to_hf(g, ckpt.tensors.metas(g)).items():
-            plan.append((name, t.dtype, tuple(t.shape), t.numel() * t.element_size()))
-    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, dt, shape, nbytes in plan:
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, dt, shape))
+    sizes = [(name, t.numel() * t.element_size()) for g in groups for name, t in to_hf(g, ckpt.tensors.shapes(g)).items()]
+    shard_of: dict[str, int] = {}
+    shard, size = 0, 0
+    for name, nbytes in sizes:
+        if size and size + nbytes > max_shard_size:
+            shard, size = shard + 1, 0
+        shard_of[name] = shard
         size += nbytes
-    n = len(shards)
+    n = shard + 1
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    shard_of = {entry[0]: i for i, s in enumerate(shards) for entry in s}
-    # Each shard's header is written first; tensors stream in as their layer is converted.
-    writers: dict[int, SafetensorsStreamWriter] = {}
-    for g in groups:
-        for name, t in to_hf(g, ckpt.tensors.load_group(g)).items():
-            i = shard_of[name]
-            if i not in writers:
-                writers[i] = SafetensorsStreamWriter(out / names[i], shards[i], metadata={"format": "pt"})
-            writers[i].write(name, t)
-            if writers[i].complete:
-                writers[i].close()
-        if progress:
-            progress(f"layer {g}" if isinstance(g, int) else str(g))
-    for w in writers.values():
-        w.close()
-    if n > 1:
-        write_json(out / "model.safetensors.index.json", {
-            "metadata": {"total_size": sum(p[3] for p in plan)},
-            "weight_map": {p[0]: names[shard_of[p[0]]] for p in plan},
-        })
-    import transformers
 
-    dtype_name = str(out_dtype).removeprefix("torch.")
-    gen = ckpt.text.generation  # special-token ids: the checkpoint's generation settings, when known
-    config.update({**(gen.token_ids() if gen else {}), "dtype": dtype_name, "torch_dtype": dtype_name,
-                   "transformers_version": transformers.__version__})
-    write_json(out / "config.json", config)
-    if gen is not None:
-        write_json(out / "generation_config.json", {**gen.to_json(), "transformers_version": transformers.__version__})
-    return {"shards": n, "vocab_rows": rows, "spec": out_spec, "config": config}
+    def outputs(group: Group, t: dict[str, torch.Tensor]):
+        return [(names[shard_of[name]], name, x) for name, x in to_hf(group, t).items()]
+
+    def finish(out: Path) -> dict:
+        if n > 1:
+            write_json(out / "model.safetensors.index.json", {
+                "metadata": {"total_size": sum(nbytes for _, nbytes in sizes)},
+                "weight_map": {name: names[shard_of[name]] for name, _ in sizes},
+            })
+        import transformers
+
+        dtype_name = str(out_dtype).removeprefix("torch.")
+        gen = ckpt.text.generation  # special-token ids: the checkpoint's generation settings, when known
+        config.update({**(gen.token_ids() if gen else {}), "dtype": dtype_name, "torch_dtype": dtype_name,
+                       "transformers_version": transformers.__version__})
+        write_json(out / "config.json", config)
+        if gen is not None:
+            write_json(out / "generation_config.json", {**gen.to_json(),
+                                                        "transformers_version": transformers.__version__})
+        return {"shards": n, "vocab_rows": rows, "spec": out_spec, "config": config}
+
+    options = {"to": "hf", "dtype": str(out_dtype), "max_shard_size": max_shard_size,
+               "trim_vocab_padding": trim_vocab_padding, "family": spec.family}
+    return make_plan(groups, ckpt.tensors.shapes, outputs,
+                     lambda rel, entries: safetensors_file(rel, entries, {"format": "pt"}),
+                     ckpt.tensors.lazy_group, finish, options)

@@ -37,8 +37,8 @@ when it is not 10000, as CodeLlama). The style of a Meta source is kept; other s
 "llama3". Meta has no vocabulary padding: padded rows are dropped, except that the output
 layer is always split on dim 0, so a vocabulary that the shard count does not divide is padded
 with zero rows to the next multiple (params.json then says that size).
-Each shard file holds the whole model's share of one rank, so shards are written one after
-another: peak memory is one shard plus one layer (each layer is read once per shard).
+All shards are written in one pass over the source (neoxconv.plan, neoxconv.pipeline): each
+group is split into every shard's file at once, at its planned offset.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ import torch
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import DamagedInput, NeoxconvError
-from neoxconv.io import check_finite, owned, read_json, save_pickle, write_json
+from neoxconv.io import check_finite, read_json, write_json
 from neoxconv.lazy import Lazy
+from neoxconv.plan import Plan, make_plan, pt_file
 from neoxconv.ptio import MappedFile, TensorRecord, index_pt
 from neoxconv.roles import ROW, Context, resize_vocab
 from neoxconv.spec import ModelSpec
@@ -358,9 +359,19 @@ def meta_params(spec: ModelSpec, vocab: int, style: str, prefer: dict | None = N
     return out
 
 
-def write_meta(ckpt: Checkpoint, out: Path, *, shards: int, dtype: torch.dtype | None = None,
-               progress: Callable[[str], None] | None = None, style: str | None = None) -> dict:
+def write_meta(ckpt: Checkpoint, out: Path, *, progress: Callable[[int], None] | None = None, workers: int = 1,
+               **opts) -> dict:
     """Write `consolidated.00.pth` ... and `params.json` into `out` (exists, empty)."""
+    from neoxconv.pipeline import execute
+
+    plan = plan_meta(ckpt, **opts)
+    execute(plan, out, workers=workers, progress=progress)
+    return plan.finish(out)
+
+
+def plan_meta(ckpt: Checkpoint, *, shards: int, dtype: torch.dtype | None = None, style: str | None = None) -> Plan:
+    """The files of a Meta checkpoint (neoxconv.plan): all shards are written in one pass over
+    the source, each group split into every shard at once."""
     spec = ckpt.spec
     _check_writable(spec, shards)
     style = style or ckpt.info.get("meta_style") or "llama3"
@@ -375,46 +386,46 @@ def write_meta(ckpt: Checkpoint, out: Path, *, shards: int, dtype: torch.dtype |
 
     names = _names(spec.family, hidden_split=emb_dim == 1)
     ctx = Context.of(spec, vocab_rows=vocab)
+    tied = "lm_head.weight" not in ckpt.tensors
 
-    def to_meta(group: Group, t: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def with_embed(load):  # tied: Meta always stores the output layer, a copy of the embedding
+        return lambda g: {**load(g), **(load("embed") if g == "final" and tied else {})}
+
+    def outputs(group: Group, t: dict[str, torch.Tensor]):
         """What each shard stores of one group (Meta names)."""
         t = {k: v.to(out_dtype) for k, v in t.items()}
         if group == "embed":
             t["embed.weight"] = resize_vocab(t["embed.weight"], vocab, spec.vocab_size)
-            return split_group(names["embed"], t, shards, ctx)
-        if group == "final":
-            if "lm_head.weight" not in t:  # tied: Meta always stores the output layer
-                t["lm_head.weight"] = ckpt.tensors.load_group("embed")["embed.weight"].to(out_dtype)
-            return split_group(names["final"], t, shards, ctx)
-        q, k = f"layers.{group}.attn.q.weight", f"layers.{group}.attn.k.weight"
-        t[q], t[k] = rotate_half_to_meta(t[q], heads), rotate_half_to_meta(t[k], kv)
-        return split_group([e.at(group) for e in names["layer"]], t, shards, ctx)
+            ranks = split_group(names["embed"], t, shards, ctx)
+        elif group == "final":
+            if tied:
+                t["lm_head.weight"] = t.pop("embed.weight")
+            ranks = split_group(names["final"], t, shards, ctx)
+        else:
+            q, k = f"layers.{group}.attn.q.weight", f"layers.{group}.attn.k.weight"
+            t[q], t[k] = rotate_half_to_meta(t[q], heads), rotate_half_to_meta(t[k], kv)
+            ranks = split_group([e.at(group) for e in names["layer"]], t, shards, ctx)
+        return [(f"consolidated.{r:02d}.pth", name, part) for r, sd in enumerate(ranks) for name, part in sd.items()]
 
-    groups = ckpt.tensors.groups()
-    for rank in range(shards):
-        state: dict[str, torch.Tensor] = {}
-        for group in groups:
-            for name, part in to_meta(group, ckpt.tensors.load_group(group))[rank].items():
-                state[name] = owned(part)
-            if progress and rank == shards - 1:
-                progress(f"layer {group}" if isinstance(group, int) else str(group))
-        save_pickle(_meta_order(state), out / f"consolidated.{rank:02d}.pth")
-        del state
-    prefer = ckpt.info.get("params") if ckpt.info.get("format") == "meta" else None
-    params = meta_params(spec, vocab, style, prefer)
-    write_json(out / PARAMS, params)
-    out_spec = spec.replace(vocab_rows=vocab, vocab_size=min(spec.vocab_size, vocab), tied=False,
-                            dtype=str(out_dtype).removeprefix("torch."))
-    return {"shards": shards, "vocab_rows": vocab, "embedding_split_dim": emb_dim if shards > 1 else None,
-            "style": style, "params": params, "spec": out_spec}
+    def finish(out: Path) -> dict:
+        prefer = ckpt.info.get("params") if ckpt.info.get("format") == "meta" else None
+        params = meta_params(spec, vocab, style, prefer)
+        write_json(out / PARAMS, params)
+        out_spec = spec.replace(vocab_rows=vocab, vocab_size=min(spec.vocab_size, vocab), tied=False,
+                                dtype=str(out_dtype).removeprefix("torch."))
+        return {"shards": shards, "vocab_rows": vocab, "embedding_split_dim": emb_dim if shards > 1 else None,
+                "style": style, "params": params, "spec": out_spec}
+
+    options = {"to": "meta", "shards": shards, "dtype": str(out_dtype), "style": style}
+    return make_plan(ckpt.tensors.groups(), with_embed(ckpt.tensors.shapes), outputs,
+                     lambda rel, entries: pt_file(rel, sorted(entries, key=lambda e: _meta_key(e[0]))),
+                     with_embed(ckpt.tensors.lazy_group), finish, options)
 
 
-def _meta_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _meta_key(name: str) -> tuple:
     """Meta's key order: tok_embeddings, layers in order, norm, output."""
-    def key(name: str) -> tuple:
-        if name == EMBED:
-            return (0, 0, "")
-        if name.startswith("layers."):
-            return (1, int(name.split(".")[1]), "")
-        return (2, 0, "" if name == "norm.weight" else "z")
-    return dict(sorted(state.items(), key=lambda kv: key(kv[0])))
+    if name == EMBED:
+        return (0, 0, "")
+    if name.startswith("layers."):
+        return (1, int(name.split(".")[1]), "")
+    return (2, 0, "" if name == "norm.weight" else "z")

@@ -50,6 +50,13 @@ class Slot:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    @staticmethod
+    def size_of(tree: Any, path: Path, archive: str | None = None) -> int:
+        """The size of the file `PtWriter(path, tree)` writes (planning: nothing is opened)."""
+        pkl, storages, _ = pickle_tree(tree)
+        entries = layout(archive or _archive_name(Path(path)), _record_sizes(pkl, storages))
+        return entries[-1].end + len(central_directory(entries, [0] * len(entries)))
+
     @property
     def nbytes(self) -> int:
         n = self.dtype.itemsize
@@ -208,6 +215,12 @@ class _Record:
     words: list[int] = field(default_factory=list)  # CRC words torch's writer sees (see _descriptor_words)
 
 
+def _record_sizes(pkl: bytes, storages: list[_StorageStub]) -> list[tuple[str, int]]:
+    """Every record of the archive, in torch.save's order, with its size."""
+    return [("data.pkl", len(pkl)), *((n, len(b)) for n, b in _FORMAT_RECORDS),
+            *((f"data/{s.key}", s.nbytes) for s in storages), ("version", len(_VERSION)), (_SERIAL_ID, 40)]
+
+
 def _archive_name(path: Path) -> str:
     """torch's archive folder: the file name up to its last dot."""
     name = Path(path).name
@@ -225,8 +238,7 @@ class PtWriter:
         pkl, storages, slots = pickle_tree(tree)
         self._storages = storages
         self._slot_storage = slots
-        records = [("data.pkl", len(pkl)), *((n, len(b)) for n, b in _FORMAT_RECORDS),
-                   *((f"data/{s.key}", s.nbytes) for s in storages), ("version", len(_VERSION)), (_SERIAL_ID, 40)]
+        records = _record_sizes(pkl, storages)
         self._names = [n for n, _ in records]
         self._entries = layout(archive or _archive_name(self.path), records)
         self._recs = {s.key: _Record(4 + i, s.nbytes) for i, s in enumerate(storages)}
@@ -243,6 +255,13 @@ class PtWriter:
         except BaseException:
             self.abort()
             raise
+
+    @staticmethod
+    def size_of(tree: Any, path: Path, archive: str | None = None) -> int:
+        """The size of the file `PtWriter(path, tree)` writes (planning: nothing is opened)."""
+        pkl, storages, _ = pickle_tree(tree)
+        entries = layout(archive or _archive_name(Path(path)), _record_sizes(pkl, storages))
+        return entries[-1].end + len(central_directory(entries, [0] * len(entries)))
 
     @property
     def nbytes(self) -> int:
