@@ -34,6 +34,7 @@ import torch
 _lock = threading.Lock()
 _next_id = 1
 _LEAD_OPS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+SMALL = 1 << 16  # elements: a shape-only tensor this small plans with real zeros (see materialize)
 MAX_RUNS = 64  # more runs than this in one output tensor: gather it (one copy) rather than write each run
 
 
@@ -256,9 +257,14 @@ class Lazy:
         return out
 
     def materialize(self) -> torch.Tensor:
-        """The real tensor: a view of the source for a single run, else one gathering copy;
-        a `meta` tensor when a source has no data."""
+        """The real tensor: a view of the source for a single run, else one gathering copy.
+        Without data (planning): zeros when small, else a `meta` tensor. (Arithmetic on meta
+        tensors imports torch._dynamo, ~2 s; what a conversion computes arithmetically is norms
+        and biases, which are small, while large tensors are only cast, chunked or concatenated,
+        which meta tensors do without it.)"""
         if self.is_meta:
+            if self.numel() <= SMALL:
+                return torch.zeros(self.shape, dtype=self.dtype)
             return torch.empty(self.shape, dtype=self.dtype, device="meta")
         runs = self.runs()
         if len(runs) == 1:

@@ -70,6 +70,8 @@ class TensorMap:
             for group in self._groups for name, t in metas[group].items()
         }
         self._names = {g: list(metas[g]) for g in self._groups}
+        # Tensors the reader computes (a row-parallel merge, a mean): planning treats them so.
+        self._computed = {name for group in self._groups for name, t in metas[group].items() if not isinstance(t, Lazy)}
         self._loader = loader
         self._cached: tuple[Group, dict[str, torch.Tensor]] | None = None
 
@@ -98,8 +100,13 @@ class TensorMap:
 
     def shapes(self, group: Group) -> dict[str, Lazy]:
         """Shape-only Lazy tensors of a group: a writer's own conversion code runs on them to plan
-        its files (rows stay rows; what would be computed comes out as a meta tensor)."""
-        return {n: Lazy.shape_only(self._entries[n].shape, self._entries[n].dtype) for n in self._names[group]}
+        its files (rows stay rows; what the reader or the writer computes comes out as a real
+        tensor without data, see Lazy.materialize)."""
+        out = {}
+        for n in self._names[group]:
+            t = Lazy.shape_only(self._entries[n].shape, self._entries[n].dtype)
+            out[n] = t.materialize() if n in self._computed else t
+        return out
 
     def lazy_group(self, group: Group) -> dict:
         """A group as the loader returns it (Lazy tensors where it can), uncached: safe to call
