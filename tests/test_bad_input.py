@@ -397,3 +397,25 @@ def test_check_finite_scans_in_chunks(monkeypatch):
     finally:
         nio.set_check_finite(False)
     nio.check_finite(t, "f.pt", "w", 3)  # off unless asked for
+
+
+def test_numpy1_rng_state_is_accepted(pristine, tmp_path):
+    """NeoX files written under numpy 1 pickle their RNG state naming numpy.core.multiarray; numpy 2
+    moved it to numpy._core. The allowlist accepts both names (and nothing more)."""
+    import zipfile
+
+    import numpy as np
+
+    from neoxconv.io import load_pickle
+
+    src = pristine["neox_seq"] / TAG / "mp_rank_00_model_states.pt"
+    dst = tmp_path / "np1.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+                assert b"cnumpy.core.multiarray\n_reconstruct\n" in data  # the numpy-1 name, for real
+            zout.writestr(info, data)
+    state = load_pickle(dst)
+    assert np.array_equal(state["np_rng_state"][1], load_pickle(src)["np_rng_state"][1])
