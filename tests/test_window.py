@@ -156,3 +156,24 @@ def test_refusals_of_each_writer():
     with pytest.raises(NeoxconvError, match=r"no sliding-window attention \(this model: NeoX sliding_window_width 7, "
                                             r"i.e. HF sliding_window 8\); pass --drop-sliding-window"):
         _check_writable(_spec(), 1)
+
+
+def test_export_run_takes_the_way_out_too(mistral_7b_like, tmp_path):
+    """A training run made with 7B.yml: every step is a dead end without the option, exported with it."""
+    code, out, _ = run_cli("export-run", mistral_7b_like, tmp_path / "steps", "--json")
+    report = json.loads(out)
+    assert code == 1 and "--drop-sliding-window" in report["steps"][0]["error"]
+    code, out, _ = run_cli("export-run", mistral_7b_like, tmp_path / "steps", "--drop-sliding-window", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["steps"][0]["status"] == "written", report
+    assert any("identical for sequences of at most 8 tokens" in w for w in report["steps"][0]["warnings"])
+    assert "sliding_window" not in json.loads((tmp_path / "steps" / "step0" / "config.json").read_text())
+
+
+def test_window_dropped_needs_a_window_on_a_and_none_on_b(mistral_7b_like):
+    from neoxconv.parity import run_parity
+
+    with pytest.raises(NeoxconvError, match=r"--window-dropped needs A with a sliding window and B without one "
+                                            r"\(A: NeoX sliding_window_width 7, i.e. HF sliding_window 8; B: NeoX "
+                                            r"sliding_window_width 7"):
+        run_parity(mistral_7b_like, mistral_7b_like, window_dropped=True)

@@ -110,8 +110,11 @@ def _window_length(a: Side, b: Side, notes: list[str]) -> int:
 
     keys = a.spec.sliding_window
     if not keys or b.spec.sliding_window:
-        raise NeoxconvError(f"a dropped window needs A with a sliding window and B without one (A: "
-                            f"{a.spec.sliding_window}, B: {b.spec.sliding_window} keys)")
+        def say(k):
+            return terms(k) if k else "no window"
+
+        raise NeoxconvError(f"--window-dropped needs A with a sliding window and B without one (A: "
+                            f"{say(keys)}; B: {say(b.spec.sliding_window)})")
     notes.append(f"B is A without its sliding window ({terms(keys)}): compared on sequences of at most {keys} tokens, "
                  "which the window never cuts, so both compute the same function; beyond, they differ")
     return keys
