@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -279,13 +281,15 @@ CASES: dict[str, Case] = {
                                            r"model\.safetensors: tensor layers\.0\.mlp\.up\.weight \(canonical name\) "
                                            r"is \[64, 32\], expected \[99, 32\] \(config\.json intermediate_size 99"),
     # a damaged first layer (the sizes are read from it) is named as such, not through layer 1
-    "hf-first-layer-mlp-short": Case("hf", hf_tensors(lambda t: short_rows(t, "gpt_neox.layers.0.mlp.dense_h_to_4h.weight")),
+    "hf-first-layer-mlp-short": Case("hf", hf_tensors(lambda t: short_rows(
+        t, "gpt_neox.layers.0.mlp.dense_h_to_4h.weight")),
                                      r"model\.safetensors: tensor layers\.0\.mlp\.up\.weight \(canonical name\) is "
                                      r"\[63, 32\], expected \[64, 32\] \(config\.json intermediate_size 64"),
     "hf-first-layer-qkv-short": Case("hf", hf_tensors(lambda t: short_rows(
         t, "gpt_neox.layers.0.attention.query_key_value.weight")), r"model\.safetensors: tensor gpt_neox\.layers\.0\."
         r"attention\.query_key_value\.weight: fused QKV has 95 rows"),
-    "hf-first-layer-q-short": Case("hf_gqa", hf_tensors(lambda t: short_rows(t, "model.layers.0.self_attn.q_proj.weight")),
+    "hf-first-layer-q-short": Case("hf_gqa", hf_tensors(lambda t: short_rows(
+        t, "model.layers.0.self_attn.q_proj.weight")),
                                    r"config\.json: layer 0's q_proj has 31 rows and k_proj 16"),
     "hf-embedding-column-short": Case("hf_gqa", hf_tensors(lambda t: short_cols(t, "model.embed_tokens.weight")),
                                       r"model\.safetensors: tensor embed\.weight \(canonical name\) is \[96, 31\], "
@@ -480,10 +484,6 @@ def test_check_finite_scans_in_chunks(monkeypatch):
 def test_numpy1_rng_state_is_accepted(pristine, tmp_path):
     """NeoX files written under numpy 1 pickle their RNG state naming numpy.core.multiarray; numpy 2
     moved it to numpy._core. The allowlist accepts both names (and nothing more)."""
-    import zipfile
-
-    import numpy as np
-
     from neoxconv.io import load_pickle
 
     src = pristine["neox_seq"] / TAG / "mp_rank_00_model_states.pt"

@@ -58,8 +58,8 @@ def parity_cmd(
     set_trust_pickle(trust_pickle)
     report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype.value, device=device,
                         atol=atol, rtol=rtol, config_files=config, config_files_b=config_b, arch=family_of(arch),
-                        qkv_layout=value_of(qkv_layout), qkv_layout_b=value_of(qkv_layout_b), replicated=replicated.value,
-                        window_dropped=window_dropped)
+                        qkv_layout=value_of(qkv_layout), qkv_layout_b=value_of(qkv_layout_b),
+                        replicated=replicated.value, window_dropped=window_dropped)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the report; rank 0 speaks

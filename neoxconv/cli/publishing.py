@@ -78,7 +78,8 @@ def export_run_cmd(
     set_trust_pickle(trust_pickle)
     report = export_run(run_dir, out_dir, push_to_hub, steps=steps, branch_template=branch_template, main=main.value,
                         verify=verify, private=private, token=token, endpoint=endpoint, dry_run=dry_run,
-                        drop_sliding_window=drop_sliding_window, on_progress=None if as_json else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
+                        drop_sliding_window=drop_sliding_window,
+                        on_progress=None if as_json else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
     if as_json:
         import json
 

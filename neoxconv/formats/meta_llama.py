@@ -229,9 +229,10 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
     def rows(name: str) -> int:
         return sum(sd[name].shape[0] for sd in shards)
 
-    if rows("layers.0.attention.wq.weight") != dim:  # sizes are read from layer 0: its damage is named here
-        raise DamagedInput(f"{files[0]}: tensor layers.0.attention.wq.weight has {rows('layers.0.attention.wq.weight')} "
-                           f"rows over {p} shard(s), expected {dim} (params.json dim)")
+    q_rows = rows("layers.0.attention.wq.weight")
+    if q_rows != dim:  # sizes are read from layer 0: its damage is named here
+        raise DamagedInput(f"{files[0]}: tensor layers.0.attention.wq.weight has {q_rows} rows over {p} shard(s), "
+                           f"expected {dim} (params.json dim)")
     k_rows = rows("layers.0.attention.wk.weight")
     kv = k_rows // d
     want_kv = int(params.get("n_kv_heads") or heads)
