@@ -25,8 +25,8 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
             progress: Callable[[int], None] | None = None, on_read: Callable | None = None,
             on_plan: Callable | None = None, after_write: Callable[[Path, dict], None] | None = None,
             tokenizer: Path | None = None, chat_template: Path | None = None,
-            eos_tokens: tuple[str, ...] | list[str] = (), workers: int | None = None, dry_run: bool = False,
-            resume: bool = False, **write_opts) -> dict:
+            eos_tokens: tuple[str, ...] | list[str] = (), drop_sliding_window: bool = False,
+            workers: int | None = None, dry_run: bool = False, resume: bool = False, **write_opts) -> dict:
     """Convert `src` into a new directory `out` in format `to`. Nothing is left at `out` on failure.
 
     Every output gets the tokenizer and its settings (special tokens, chat template, generation
@@ -38,13 +38,14 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
     nothing. `resume`: continue an earlier run of the same conversion (neoxconv.resume).
     `after_write(tmp, result)` runs on the finished temporary directory before it is renamed into
     place (the --verify hook). The last step writes neoxconv-manifest.json (`neoxconv verify`
-    checks it).
+    checks it) from the hashes taken as the files were written. `drop_sliding_window` writes the
+    model without its window (neoxconv.window.drop; `result["dropped_window"]` keeps it for
+    --verify). The readers validate the source against its spec before anything is planned.
     """
     from neoxconv import graph
     from neoxconv.manifest import write_manifest
     from neoxconv.pipeline import default_workers, execute
     from neoxconv.resume import output_dir
-    from neoxconv.validate import check as check_shapes
 
     src, out = Path(src), Path(out)
     if out.exists() and not force and not dry_run:
@@ -57,7 +58,12 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         raise NeoxconvError(f"--workers must be at least 1, got {workers}")
     ckpt = graph.read(src, fmt=src_format, config_files=config_files, family=family,
                       qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
-    check_shapes(ckpt)  # every stored shape against the spec, before anything is written
+    notes, dropped = [], ckpt.spec.sliding_window if drop_sliding_window else None
+    if drop_sliding_window:
+        from neoxconv.window import drop
+
+        ckpt.spec, note = drop(ckpt.spec, family)
+        notes.append(note)
     from neoxconv import publish
 
     tok = publish.prepare(ckpt, to, tokenizer=tokenizer, chat_template=chat_template, eos_tokens=eos_tokens)
@@ -74,7 +80,7 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
     plan = graph.plan(ckpt, to, dtype=parse_dtype(dtype), **write_opts)
     if dry_run:
         return {"dry_run": True, "plan": plan.summary(workers), "source": ckpt, "spec": ckpt.spec,
-                "warnings": []}
+                "warnings": notes}
     sources = [Path(ckpt.info.get("path") or src), *(config_files or []), *(p for p in (tokenizer, chat_template) if p)]
     with output_dir(out, plan.digest(sources), force=force, resume=resume) as journal:
         tmp = journal.tmp
@@ -86,7 +92,8 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         result = plan.finish(tmp)
         result["source"] = ckpt
         result["resumed_files"] = journal.kept
-        result.setdefault("warnings", []).extend(source_warnings(ckpt))
+        result.setdefault("warnings", []).extend(notes + source_warnings(ckpt))
+        result["dropped_window"] = dropped
         result["model_name"] = out.resolve().name  # the card's title: OUT's name, never the temp dir's
         publish.finish(tmp, ckpt, to, result, tok)
         if after_write:
@@ -112,10 +119,15 @@ def scan_source(ckpt) -> None:
 
 def source_warnings(ckpt) -> list[str]:
     """What reading the source found that the user should know (NeoX: replicated copies that
-    drifted apart across TP ranks beyond rounding)."""
+    drifted apart across TP ranks beyond rounding; a sliding window that NeoX's fused softmax may
+    have left out in training)."""
     from neoxconv.formats.neox_files import drift_warning
+    from neoxconv.window import fused_softmax_warning
 
     nf = ckpt.info.get("files")
-    text = drift_warning(nf) if nf is not None and ckpt.info.get("format") == "neox" else None
-    return [text] if text else []
+    if nf is None or ckpt.info.get("format") != "neox":
+        return []
+    spec = ckpt.spec
+    texts = [drift_warning(nf), fused_softmax_warning(nf.args, spec.layers, spec.dtype, spec.sliding_window)]
+    return [t for t in texts if t]
 

@@ -9,10 +9,10 @@ import typer
 
 from neoxconv.choices import Family, MetaStyle, NeoxLayout, NeoxSchema, OutDtype, QkvLayout, Target, value_of
 from neoxconv.cli.app import app, console
-from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DryRunOpt, DtypeOpt, EosTokenOpt, FiniteOpt,
-                                  ForceOpt, JsonOpt, LayoutOpt, MaxShardOpt, PpOpt, QkvOpt, ResumeOpt, SchemaOpt,
-                                  TokenizerOpt, TpOpt, TrimOpt, TrustOpt, VerifyOpt, VocabMultipleOpt, WorkersOpt,
-                                  family_of)
+from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DropWindowOpt, DryRunOpt, DtypeOpt,
+                                  EosTokenOpt, FiniteOpt, ForceOpt, JsonOpt, LayoutOpt, MaxShardOpt, PpOpt, QkvOpt,
+                                  ResumeOpt, SchemaOpt, TokenizerOpt, TpOpt, TrimOpt, TrustOpt, VerifyOpt,
+                                  VocabMultipleOpt, WorkersOpt, family_of)
 
 
 def _progress(total: int, what: str, quiet: bool):
@@ -120,6 +120,7 @@ def neox_to_hf(
     dtype: DtypeOpt = OutDtype.auto,
     max_shard_size: MaxShardOpt = "5GB",
     trim_vocab_padding: TrimOpt = False,
+    drop_sliding_window: DropWindowOpt = False,
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
@@ -146,6 +147,7 @@ def neox_to_hf(
                     max_shard_size=parse_size(max_shard_size),
                     trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, chat_template=chat_template,
                     eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
+                    drop_sliding_window=drop_sliding_window,
                     workers=workers, dry_run=dry_run, resume=resume, as_json=as_json)
     if push_to_hub and not dry_run:
         from neoxconv.hub import upload_command
@@ -239,6 +241,7 @@ def convert_cmd(
     dtype: DtypeOpt = OutDtype.auto,
     max_shard_size: MaxShardOpt = "5GB",
     trim_vocab_padding: TrimOpt = False,
+    drop_sliding_window: DropWindowOpt = False,
     qkv_layout: QkvOpt = None,
     out_qkv_layout: Annotated[Optional[QkvLayout], typer.Option(
         "--out-qkv-layout", help="NeoX → NeoX only: QKV layout to write when it differs from the source's "
@@ -272,5 +275,5 @@ def convert_cmd(
     _run_conversion(src, out, to.value, trust_pickle, config_files=config, family=family_of(arch),
                     qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tokenizer=tokenizer, chat_template=chat_template,
                     eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
-                    workers=workers, dry_run=dry_run, resume=resume, as_json=as_json,
-                    **opts)
+                    drop_sliding_window=drop_sliding_window,
+                    workers=workers, dry_run=dry_run, resume=resume, as_json=as_json, **opts)

@@ -260,6 +260,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
                      ("_rebuild_tensor_v3", _rebuild_tensor_v3), ("_rebuild_parameter", _rebuild_parameter)):
         allowed[("torch._utils", name)] = fn
     for obj in _safe_globals():
+        if isinstance(obj, tuple):  # (object, "module.name") as torch's safe_globals takes it
+            obj, full = obj
+            allowed[tuple(full.rsplit(".", 1))] = obj
+            continue
         module, name = obj.__module__, obj.__qualname__
         allowed[(module, name)] = obj
         if module.startswith("numpy._core."):  # numpy 1 wrote numpy.core.*: same objects
