@@ -66,7 +66,7 @@ import json, os, resource, sys, time
 import numpy, torch, safetensors.torch, transformers, yaml, rich
 import transformers.models.gpt_neox, transformers.models.llama
 import neoxconv.cli, neoxconv.convert, neoxconv.graph, neoxconv.publish, neoxconv.modelcard, neoxconv.tokenizer
-import neoxconv.formats.neox, neoxconv.formats.hf, neoxconv.formats.meta_llama
+import neoxconv.formats.neox, neoxconv.formats.hf, neoxconv.formats.meta_llama, neoxconv.pipeline, neoxconv.ptio
 def anon_kb():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):

@@ -52,7 +52,8 @@ def tensor_parts(t) -> list:
             for src, row, count in runs:
                 data = tensor_bytes(src.tensor[row:row + count])
                 if src.file is not None:
-                    parts.append(FileRange(src.file, src.offset + row * src.row_bytes, count * src.row_bytes, data=data))
+                    at = src.offset + row * src.row_bytes
+                    parts.append(FileRange(src.file, at, count * src.row_bytes, data=data))
                 else:
                     parts.append(data)
             return parts

@@ -116,7 +116,8 @@ class Plan:
     def summary(self, workers: int = 1) -> dict:
         tensor_bytes = sum(j.nbytes for j in self.jobs)
         computed = sum(j.computed for j in self.jobs)
-        return {"files": [{"path": f.relpath, "bytes": f.nbytes, "tensors": len(f.entries)} for f in self.files.values()],
+        return {"files": [{"path": f.relpath, "bytes": f.nbytes, "tensors": len(f.entries)}
+                          for f in self.files.values()],
                 "tensors": sum(j.tensors for j in self.jobs), "bytes": self.nbytes,
                 "bytes_copied": tensor_bytes - computed, "bytes_computed": computed,
                 "peak_memory_bytes": self.memory(workers), "workers": workers}

@@ -104,7 +104,8 @@ def _show_plan(plan: dict, out: Path, to: str, as_json: bool) -> None:
     from rich.filesize import decimal as size
 
     out_console.print(f"{len(plan['files'])} weights file(s), {plan['tensors']} tensors, {size(plan['bytes'])} "
-                      f"({size(plan['bytes_copied'])} copied from the source, {size(plan['bytes_computed'])} computed); "
+                      f"({size(plan['bytes_copied'])} copied from the source, "
+                      f"{size(plan['bytes_computed'])} computed); "
                       f"predicted peak memory {size(plan['peak_memory_bytes'])} with {plan['workers']} worker(s); "
                       "configs, tokenizer and manifest besides")
 

@@ -195,7 +195,8 @@ def plan_hf(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, max_shard_siz
 
     # Shards: HF names, dtypes and shapes per group from the headers alone, packed in order.
     groups = ckpt.tensors.groups()
-    sizes = [(name, t.numel() * t.element_size()) for g in groups for name, t in to_hf(g, ckpt.tensors.shapes(g)).items()]
+    sizes = [(name, t.numel() * t.element_size())
+             for g in groups for name, t in to_hf(g, ckpt.tensors.shapes(g)).items()]
     shard_of: dict[str, int] = {}
     shard, size = 0, 0
     for name, nbytes in sizes:
