@@ -13,9 +13,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,30 @@ def test_resume_after_the_process_was_killed(pristine, reference, tmp_path):
     assert code == 0, err
     assert json.loads(stdout)["resumed_files"] >= 1
     assert files_of(out) == files_of(reference["neox-tp2-to-tp4-pipeline"])
+
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    """On a terminal the conversions' bar shows bytes written of the total, bytes/s and the time
+    left; with --json (quiet) it is off (without a terminal too: the other tests see no bar)."""
+    import io
+
+    from neoxconv.cli.app import console
+    from neoxconv.cli.conversions import _progress
+
+    buf = io.StringIO()
+    monkeypatch.setattr(console, "_force_terminal", True)
+    monkeypatch.setattr(console, "_file", buf)
+    monkeypatch.setattr(console, "is_interactive", True)
+    prog, step = _progress(8_000_000, "hf → neox", quiet=False)
+    prog.start()
+    step(1_000_000)
+    time.sleep(0.2)  # the speed needs two samples apart in time
+    step(1_000_000)
+    prog.refresh()
+    text = buf.getvalue()
+    prog.stop()
+    assert "hf → neox" in text and "2.0/8.0 MB" in text, text
+    assert re.search(r"\d [kMG]?B/s", text) and re.search(r"\d:\d\d:\d\d", text), text  # speed, time left
+    quiet, _ = _progress(8_000_000, "hf → neox", quiet=True)
+    assert quiet.disable
