@@ -57,6 +57,41 @@ def reference(pristine, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.parametrize("path", ["neox-to-hf-sharded", "neox-tp2-to-tp4-pipeline", "hf-to-neox-tp2-sequential",
+                                  "meta-to-neox-tp1"])
+def test_every_source_file_is_indexed_once_and_never_unpickled_whole(path, pristine, tmp_path, monkeypatch):
+    """Planning and validation read headers only: each weights file of the source is indexed
+    once per run (a sequential mp_rank file too, for all its layers), and torch.load never runs."""
+    import torch
+
+    import neoxconv.formats.hf as hf
+    import neoxconv.formats.meta_llama as meta
+    import neoxconv.formats.neox_files as neox_files
+
+    seen: list[Path] = []
+
+    def counting(real):
+        def index(f, *args, **kwargs):
+            seen.append(Path(f).resolve())
+            return real(f, *args, **kwargs)
+        return index
+    for module, name in ((neox_files, "index_pt"), (hf, "index_pt"), (hf, "index_safetensors"),
+                         (meta, "index_pt")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name)))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError(f"torch.load{args[:1]}")
+    monkeypatch.setattr(torch, "load", no_load)
+    code, _, err = convert(pristine, path, tmp_path / "out")
+    assert code == 0, err
+    src = pristine[PATHS[path][0]]
+    # NeoX weights: layer files (pipeline; its mp_rank files hold no weights and are not read),
+    # else the mp_rank files (sequential).
+    neox = sorted(src.rglob("layer_*.pt")) or sorted(src.rglob("mp_rank_*.pt"))
+    weights = [*neox, *src.rglob("*.safetensors"), *src.rglob("*.pth")]
+    assert sorted(seen) == sorted(p.resolve() for p in weights)
+
+
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_workers_give_byte_identical_output(path, pristine, reference, tmp_path):
     code, _, err = convert(pristine, path, tmp_path / "out", "--workers", "4")
