@@ -122,6 +122,9 @@ def _norm_kind(a: dict, layer: dict, where) -> str:
         raise NeoxconvError(f"{where}: norm {declared!r} is not a NeoX norm (known: {', '.join(NORM_EPS)})")
     for suffix, kind in ((".scale", "rmsnorm"), (".g", "scalenorm"), (".weight", "layernorm")):
         if f"input_layernorm{suffix}" in layer:
+            if "norm" in a and declared != kind:
+                raise NeoxconvError(f"{where}: norm {declared!r} in the config, but the layers store {kind} tensors "
+                                    f"(input_layernorm{suffix})")
             return kind
     return declared
 
