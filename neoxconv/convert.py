@@ -23,19 +23,20 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
             family: str | None = None, qkv_layout: str | None = None, force: bool = False, dtype: str = "auto",
             progress: Callable[[str], None] | None = None, on_read: Callable | None = None,
             after_write: Callable[[Path, dict], None] | None = None, tokenizer: Path | None = None,
-            chat_template: Path | None = None, eos_tokens: tuple[str, ...] | list[str] = (), **write_opts) -> dict:
+            chat_template: Path | None = None, eos_tokens: tuple[str, ...] | list[str] = (),
+            drop_sliding_window: bool = False, **write_opts) -> dict:
     """Convert `src` into a new directory `out` in format `to`. Nothing is left at `out` on failure.
 
     Every output gets the tokenizer and its settings (special tokens, chat template, generation
     config; `chat_template` / `eos_tokens` set them), HF outputs a model card (neoxconv.publish).
     `after_write(tmp, result)` runs on the finished temporary directory before it is renamed into
     place (the --verify hook). The last step hashes every output file into
-    neoxconv-manifest.json (`neoxconv verify` checks it).
+    neoxconv-manifest.json (`neoxconv verify` checks it). `drop_sliding_window` writes the model
+    without its window (neoxconv.window.drop; `result["dropped_window"]` keeps it for --verify).
     """
     from neoxconv import graph
     from neoxconv.io import atomic_output_dir
     from neoxconv.manifest import write_manifest
-    from neoxconv.validate import check as check_shapes
 
     src, out = Path(src), Path(out)
     if out.exists() and not force:
@@ -45,7 +46,12 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
         raise NeoxconvError(f"{out}: output must not be the source, inside it, or contain it")
     ckpt = graph.read(src, fmt=src_format, config_files=config_files, family=family,
                       qkv_layout=qkv_layout if to != "neox" or (src_format or graph.detect(src)) == "neox" else None)
-    check_shapes(ckpt)  # every stored shape against the spec, before anything is written
+    notes, dropped = [], ckpt.spec.sliding_window if drop_sliding_window else None
+    if drop_sliding_window:
+        from neoxconv.window import drop
+
+        ckpt.spec, note = drop(ckpt.spec, family)
+        notes.append(note)
     from neoxconv import publish
 
     plan = publish.prepare(ckpt, to, tokenizer=tokenizer, chat_template=chat_template, eos_tokens=eos_tokens)
@@ -64,7 +70,8 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
                                         **write_opts.get("extra_yaml", {})}
         result = graph.write(ckpt, to, tmp, progress=progress, dtype=parse_dtype(dtype), **write_opts)
         result["source"] = ckpt
-        result.setdefault("warnings", []).extend(source_warnings(ckpt))
+        result.setdefault("warnings", []).extend(notes + source_warnings(ckpt))
+        result["dropped_window"] = dropped
         result["model_name"] = out.resolve().name  # the card's title: OUT's name, never the temp dir's
         publish.finish(tmp, ckpt, to, result, plan)
         if after_write:
@@ -75,10 +82,15 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
 
 def source_warnings(ckpt) -> list[str]:
     """What reading the source found that the user should know (NeoX: replicated copies that
-    drifted apart across TP ranks beyond rounding)."""
+    drifted apart across TP ranks beyond rounding; a sliding window that NeoX's fused softmax may
+    have left out in training)."""
     from neoxconv.formats.neox_files import drift_warning
+    from neoxconv.window import fused_softmax_warning
 
     nf = ckpt.info.get("files")
-    text = drift_warning(nf) if nf is not None and ckpt.info.get("format") == "neox" else None
-    return [text] if text else []
+    if nf is None or ckpt.info.get("format") != "neox":
+        return []
+    spec = ckpt.spec
+    texts = [drift_warning(nf), fused_softmax_warning(nf.args, spec.layers, spec.dtype, spec.sliding_window)]
+    return [t for t in texts if t]
 

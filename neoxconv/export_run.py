@@ -107,8 +107,9 @@ class _Run:
     """One export-run invocation: the loop over steps and what it shares between them."""
 
     def __init__(self, run_dir: Path, steps: dict[int, Path], report: RunReport, *, verify: bool,
-                 say: Callable[[str], None], cache: HashCache):
+                 say: Callable[[str], None], cache: HashCache, drop_sliding_window: bool = False):
         self.run_dir, self.steps, self.report, self.verify, self.say, self.cache = run_dir, steps, report, verify, say, cache
+        self.drop_sliding_window = drop_sliding_window
 
     def card_extras(self, step: int, fp: dict) -> dict:
         tokens, rule = tokens_seen(step_args(self.steps[step]), step)
@@ -134,7 +135,8 @@ class _Run:
                 rep.parity = f"{parity.get('verdict')} (max |Δ| {parity.get('max_abs_diff', float('nan')):.3g})"
             write_model_card(tmp, {**result["provenance"], **extras}, force=True)
 
-        result = convert(self.steps[step], out, to="hf", src_format="neox", force=force, after_write=after_write)
+        result = convert(self.steps[step], out, to="hf", src_format="neox", force=force, after_write=after_write,
+                         drop_sliding_window=self.drop_sliding_window)
         rep.warnings += result.get("warnings", [])
         rep.bytes = _dir_bytes(out)
 
@@ -162,7 +164,8 @@ class _Run:
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, repo_id: str | None = None, *,
                steps: str = "all", branch_template: str = "step{step}", main: str = "latest", verify: bool = False,
                private: bool = False, token: str | None = None, endpoint: str | None = None, dry_run: bool = False,
-               on_progress: Callable[[str], None] | None = None, cache: HashCache | None = None) -> RunReport:
+               on_progress: Callable[[str], None] | None = None, cache: HashCache | None = None,
+               drop_sliding_window: bool = False) -> RunReport:
     """Export the steps of the NeoX save dir ``run_dir`` to ``out_dir`` (local) or ``repo_id`` (Hub).
 
     Bad input (no such run, a step that does not exist, a bad template, no token, a rejected
@@ -179,7 +182,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, repo_id: 
     selected = select_steps(available, steps, run_dir)
     targets = {s: branch_name(branch_template, s) for s in selected}
     report = RunReport(str(run_dir), str(repo_id or out_dir), "hub" if repo_id else "local", dry_run)
-    run = _Run(run_dir, available, report, verify=verify, say=say, cache=cache or HashCache())
+    run = _Run(run_dir, available, report, verify=verify, say=say, cache=cache or HashCache(),
+               drop_sliding_window=drop_sliding_window)
     if repo_id:
         _to_hub(run, selected, targets, repo_id, main=main, private=private, token=token, endpoint=endpoint,
                 dry_run=dry_run)

@@ -98,6 +98,9 @@ def _safe_globals() -> list:
     core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
     # ndarray reconstruction and numpy scalars: numpy RNG state, ds_config values.
     allowed += [core.multiarray._reconstruct, core.multiarray.scalar]
+    if core.__name__ != "numpy.core":  # numpy 2 reading a file numpy 1 wrote: the same functions, older names
+        allowed += [(core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+                    (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]

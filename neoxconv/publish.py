@@ -68,6 +68,10 @@ def prepare(ckpt: Checkpoint, to: str, *, tokenizer: Path | None = None, chat_te
 
     src = tokenizer_source(ckpt, tokenizer)
     warnings: list[str] = []
+    if src is None and ckpt.info.get("format") == "neox":  # a vocab-file that is not there is said, not skipped
+        from neoxconv.tokenizer.neox import missing_tokenizer
+
+        warnings += [w for w in (missing_tokenizer(ckpt.info.get("neox_args") or {}, ckpt.info["path"]),) if w]
     if to == "meta":  # Meta holds the tokenizer.model file as it is, and no settings
         if chat_template is not None or eos_tokens:
             raise NeoxconvError("--chat-template and --eos-token cannot be written to a Meta checkpoint: it holds "

@@ -1,9 +1,14 @@
 """Spec-level checks: does every tensor have the shape the ModelSpec implies?
 
-`check(ckpt)` runs right after a reader (convert, verify): NeoX per stored rank (below), HF and
-Meta on the canonical tensors (`canonical_shapes`: every tensor whose shape the config fixes;
-HF and Meta readers take hidden size, MLP size and vocab rows from the tensors, so this catches
-one layer that disagrees with the others or with the head counts).
+Every reader calls them before it returns (formats/neox_read.py `check_neox`, formats/hf.py and
+formats/meta_llama.py `check_canonical`), so every command that reads a checkpoint (conversions,
+parity, train-check, inspect, export-run, verify) refuses the same damage. NeoX is checked per
+stored rank (below); HF and Meta on the canonical tensors (`canonical_shapes`: every tensor whose
+shape the config fixes). HF and Meta readers take hidden size, MLP size and vocab rows from the
+first layer's tensors; the HF reader first compares those tensors with the sizes config.json
+states (`check_hf_sizes`), so a damaged first layer is named as such rather than through the
+layers it then contradicts (Meta: params.json's dim and the layers' common MLP size), and
+`check_hf_config` refuses values that mean nothing (`hidden_size: 0`) before any tensor is read.
 
 NeoX, per stored rank:
 
@@ -148,6 +153,60 @@ def check(ckpt) -> None:
         check_neox(ckpt)
     else:
         check_canonical(ckpt)
+
+
+# HF config.json: keys that must be positive integers, non-negative numbers, positive numbers
+# (when present and not null).
+_HF_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+                     "max_position_embeddings", "num_attention_heads", "num_key_value_heads",
+                     "local_block_size", "local_window_blocks", "qk_norm_group_heads")  # the last three: custom
+_HF_NON_NEGATIVE = ("layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon", "norm_eps")
+_HF_POSITIVE = ("rope_theta", "rotary_emb_base", "rotary_base")
+
+
+def check_hf_config(cfg: dict, where) -> None:
+    """Refuse config.json values that mean nothing (NeoxconvError naming the file and the key)."""
+    from neoxconv.errors import NeoxconvError
+
+    rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    for key in _HF_POSITIVE_INTS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise NeoxconvError(f"{where}: {key} must be a positive integer, got {value!r}")
+    for key, low, what in [(k, 0, "a non-negative number") for k in _HF_NON_NEGATIVE] + \
+                          [(k, None, "a positive number") for k in _HF_POSITIVE]:
+        for value in (cfg.get(key), rope.get(key)):
+            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or (value < low if low is not None else value <= 0)
+            if value is not None and bad:
+                raise NeoxconvError(f"{where}: {key} must be {what}, got {value!r}")
+
+
+def check_hf_sizes(cfg: dict, shapes: dict[str, tuple], where_of, config_file) -> None:
+    """Before a spec is made from the first layer's tensors: the layers present are 0..L-1 without a
+    gap, and the tensors the sizes are read from (embed.weight, layer 0's MLP) agree with what
+    config.json states, so a damaged first layer is named as such (DamagedInput naming the file
+    and tensor, or config.json and the key). `where_of(canonical name)` is the file holding it."""
+    from neoxconv.errors import DamagedInput
+
+    layers = sorted({int(n.split(".")[1]) for n in shapes if n.startswith("layers.")})
+    if not layers:
+        raise DamagedInput(f"{config_file.parent}: the weights hold no transformer layer")
+    gaps = sorted(set(range(layers[-1] + 1)) - set(layers)) if layers else []
+    if gaps:
+        raise DamagedInput(f"{config_file.parent}: missing tensors of layer {gaps[0]} (the weights hold layers up to "
+                           f"{layers[-1]})")
+    stated = cfg.get("num_hidden_layers")
+    if isinstance(stated, int) and not isinstance(stated, bool) and stated != len(layers):
+        raise DamagedInput(f"{config_file}: num_hidden_layers is {stated}, but the weights hold {len(layers)} layer(s)")
+    for key, name, dim in (("vocab_size", "embed.weight", 0), ("hidden_size", "embed.weight", 1),
+                           ("intermediate_size", "layers.0.mlp.up.weight", 0)):
+        value = cfg.get(key)
+        if name in shapes and isinstance(value, int) and not isinstance(value, bool) and shapes[name][dim] != value:
+            want = list(shapes[name])
+            want[dim] = value
+            raise DamagedInput(f"{where_of(name)}: tensor {name} (canonical name) is {list(shapes[name])}, expected "
+                               f"{want} ({config_file.name} {key} {value}; the model's sizes are read from it)")
 
 
 def check_canonical(ckpt) -> None:

@@ -6,8 +6,8 @@ What is checked, for any format (NeoX either layout, HF, Meta):
    with the listed size and sha256. This is the only check that sees a changed byte anywhere.
 2. The checkpoint is read as a conversion reads it: every referenced file present, inside the
    directory and readable; headers and configs parse; shapes and dtypes consistent across TP
-   ranks and layers (neox_files) and with the config (neoxconv.validate, NeoX); and every
-   floating-point value finite (the --check-finite scan over all tensor data).
+   ranks and layers (neox_files) and with the config (neoxconv.validate, which every reader
+   runs); and every floating-point value finite (the --check-finite scan over all tensor data).
 
 "Damaged" (1): a manifest mismatch, a file missing, truncated or unreadable, shards that
 disagree, shapes that contradict the config, non-finite values (`DamagedInput` from the
@@ -100,7 +100,6 @@ def _check_manifest(path: Path, report: VerifyReport) -> None:
 def _check_contents(path: Path, config_files, report: VerifyReport) -> None:
     from neoxconv import graph
     from neoxconv.io import load_pickle
-    from neoxconv.validate import check as check_shapes
 
     report.format = fmt = graph.detect(path)
     if fmt == "hf":  # JSON files beside the weights (tokenizer, generation config) must parse too
@@ -109,19 +108,17 @@ def _check_contents(path: Path, config_files, report: VerifyReport) -> None:
                 json.loads(f.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise DamagedInput(f"{f}: does not parse as JSON ({e})") from None
-    ckpt = graph.read(path, fmt=fmt, config_files=config_files)
+    ckpt = graph.read(path, fmt=fmt, config_files=config_files)  # the readers check shapes against the spec
     report.tensors = len(list(ckpt.tensors))
-    check_shapes(ckpt)
     if fmt != "neox":
         return
     nf = ckpt.info["files"]
     if nf.layout == "pipeline":  # DeepSpeed's model-states files hold no weights here, but must load
         for f in sorted(nf.tag_dir.glob("mp_rank_*_model_states.pt")):
             load_pickle(f)
-    from neoxconv.formats.neox_files import drift_warning
+    from neoxconv.convert import source_warnings
 
-    if text := drift_warning(nf):
-        report.notes.append(text)
+    report.notes += source_warnings(ckpt)  # drifted norm copies, a window training may have skipped
 
 
 def render(report: VerifyReport, console) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -156,6 +158,22 @@ def meta_shard(rank: int, fn: Callable[[dict], None]) -> Callable[[Path], None]:
     return lambda d: edit_pt(d / f"consolidated.{rank:02d}.pth", fn)
 
 
+def meta_shards(fn: Callable[[dict], None]) -> Callable[[Path], None]:
+    return lambda d: [meta_shard(r, fn)(d) for r in (0, 1)]
+
+
+def hf_config(**keys) -> Callable[[Path], None]:
+    return json_edit("config.json", lambda c: c.update(keys))
+
+
+def hf_tensors(fn: Callable[[dict], None]) -> Callable[[Path], None]:
+    return st_edit("model.safetensors", fn)
+
+
+def drop_prefix(prefix: str) -> Callable[[dict], None]:
+    return lambda t: [t.pop(k) for k in list(t) if k.startswith(prefix)]
+
+
 def nothing(d: Path) -> None:
     pass
 
@@ -242,6 +260,9 @@ CASES: dict[str, Case] = {
                                                           for f in sorted(d.glob("*.safetensors"))],
                                  r"model-0000\d-of-00002\.safetensors: tensor layers\.1\.mlp\.up\.weight \(canonical name\) "
                                  r"is \[63, 32\], expected \[64, 32\]"),
+    "neox-gated-mlp-rows-short": Case("neox_llama", each_layer(lambda s: short_rows(s, "mlp.linear1.weight")),
+                                      r"layer_02-model_00-model_states\.pt: gated mlp\.linear1 has 47 rows per rank, "
+                                      r"not twice mlp\.linear2's 24 columns"),
     "meta-all-shards-short": Case("meta", lambda d: [meta_shard(r, lambda s: short_cols(s, "layers.1.attention.wo.weight"))(d)
                                                      for r in (0, 1)],
                                   r"src/consolidated\.\*\.pth: tensor layers\.1\.attn\.o\.weight \(canonical name\) is "
@@ -250,6 +271,38 @@ CASES: dict[str, Case] = {
                                   r"query_key_value has 96 rows over 2 rank\(s\); 6 heads / 6 KV heads of size 5 need 90"),
     "layers-contradict-files": Case("neox", yaml_edit("model.yml", num_layers=3),
                                     r"missing transformer layer 2: expected layer_04-model_00"),
+    "hf-layers-contradict-config": Case("hf", hf_config(num_hidden_layers=3),
+                                        r"config\.json: num_hidden_layers is 3, but the weights hold 2 layer\(s\)"),
+    "hf-layer-missing": Case("hf", hf_tensors(drop_prefix("gpt_neox.layers.1.")),
+                             r"config\.json: num_hidden_layers is 2, but the weights hold 1 layer\(s\)"),
+    "hf-first-layer-missing": Case("hf", hf_tensors(drop_prefix("gpt_neox.layers.0.")),
+                                   r"src: missing tensors of layer 0 \(the weights hold layers up to 1\)"),
+    "hf-mlp-size-contradicts-config": Case("hf", hf_config(intermediate_size=99),
+                                           r"model\.safetensors: tensor layers\.0\.mlp\.up\.weight \(canonical name\) "
+                                           r"is \[64, 32\], expected \[99, 32\] \(config\.json intermediate_size 99"),
+    # a damaged first layer (the sizes are read from it) is named as such, not through layer 1
+    "hf-first-layer-mlp-short": Case("hf", hf_tensors(lambda t: short_rows(
+        t, "gpt_neox.layers.0.mlp.dense_h_to_4h.weight")),
+                                     r"model\.safetensors: tensor layers\.0\.mlp\.up\.weight \(canonical name\) is "
+                                     r"\[63, 32\], expected \[64, 32\] \(config\.json intermediate_size 64"),
+    "hf-first-layer-qkv-short": Case("hf", hf_tensors(lambda t: short_rows(
+        t, "gpt_neox.layers.0.attention.query_key_value.weight")), r"model\.safetensors: tensor gpt_neox\.layers\.0\."
+        r"attention\.query_key_value\.weight: fused QKV has 95 rows"),
+    "hf-first-layer-q-short": Case("hf_gqa", hf_tensors(lambda t: short_rows(
+        t, "model.layers.0.self_attn.q_proj.weight")),
+                                   r"config\.json: layer 0's q_proj has 31 rows and k_proj 16"),
+    "hf-embedding-column-short": Case("hf_gqa", hf_tensors(lambda t: short_cols(t, "model.embed_tokens.weight")),
+                                      r"model\.safetensors: tensor embed\.weight \(canonical name\) is \[96, 31\], "
+                                      r"expected \[96, 32\] \(config\.json hidden_size 32"),
+    "meta-first-layer-wq-short": Case("meta", meta_shards(lambda s: short_rows(s, "layers.0.attention.wq.weight")),
+                                      r"consolidated\.00\.pth: tensor layers\.0\.attention\.wq\.weight has 30 rows over "
+                                      r"2 shard\(s\), expected 32 \(params\.json dim\)"),
+    "meta-first-layer-w1-short": Case("meta", meta_shards(lambda s: short_rows(s, "layers.0.feed_forward.w1.weight")),
+                                      r"consolidated\.\*\.pth: tensor layers\.0\.mlp\.gate\.weight \(canonical name\) "
+                                      r"is \[46, 32\], expected \[48, 32\]"),
+    "meta-embedding-fits-no-split": Case("meta", meta_shards(lambda s: short_rows(s, "tok_embeddings.weight")),
+                                         r"consolidated\.00\.pth: tok_embeddings shard \(47, 32\) fits neither a dim-0 "
+                                         r"split \(48, 32\) nor a dim-1 split"),
     "tp-contradicts-files": Case("neox", yaml_edit(model_parallel_size=4), r"layer_00 has 2 TP file\(s\).*expected 4"),
     # -- bad or conflicting YAML ---------------------------------------------------------------------
     "yaml-string-for-number": Case("neox", yaml_edit("model.yml", num_attention_heads="four"),
@@ -260,6 +313,14 @@ CASES: dict[str, Case] = {
                             r"model\.yml: num-attention-heads must be positive, got 0"),
     "yaml-negative-eps": Case("neox", yaml_edit(layernorm_epsilon=-1e-5),
                               r"local_setup\.yml: layernorm-epsilon must be at least 0, got -1e-05"),
+    "hf-config-zero-hidden": Case("hf", hf_config(hidden_size=0),
+                                  r"config\.json: hidden_size must be a positive integer, got 0"),
+    "hf-config-zero-layers": Case("hf", hf_config(num_hidden_layers=0),
+                                  r"config\.json: num_hidden_layers must be a positive integer, got 0"),
+    "hf-config-negative-eps": Case("hf", hf_config(layer_norm_eps=-1),
+                                   r"config\.json: layer_norm_eps must be a non-negative number, got -1"),
+    "hf-config-zero-positions": Case("hf", hf_config(max_position_embeddings=0),
+                                     r"config\.json: max_position_embeddings must be a positive integer, got 0"),
     "hf-config-negative-heads": Case("hf", json_edit("config.json", lambda c: c.update(num_attention_heads=-4)),
                                      r"config\.json: num_attention_heads must be a positive integer, got -4"),
     "meta-params-zero-heads": Case("meta", json_edit("params.json", lambda p: p.update(n_heads=0)),
@@ -281,6 +342,8 @@ CASES: dict[str, Case] = {
     # -- non-dividing TP / KV heads -------------------------------------------------------------------
     "tp-does-not-divide-heads": Case("hf", nothing, r"--tp 3 does not divide the 4 attention heads", ("--tp", "3")),
     "tp-does-not-divide-kv-heads": Case("hf_gqa", nothing, r"--tp 4 does not divide the 2 KV heads", ("--tp", "4")),
+    "drop-window-without-window": Case("neox", nothing, r"--drop-sliding-window: the model has no sliding window",
+                                       ("--drop-sliding-window",)),
     "meta-shards-do-not-divide-kv": Case("hf_gqa", nothing, r"--tp 4 does not divide the 2 KV heads",
                                          ("--to", "meta", "--tp", "4"), command="convert"),
     # -- paths escaping the checkpoint ---------------------------------------------------------------
@@ -308,8 +371,8 @@ CASES: dict[str, Case] = {
                               ("--check-finite",)),
 }
 
-COMMANDS = {"neox": NEOX_TO_HF, "neox_seq": NEOX_TO_HF, "hf": "hf-to-neox", "hf_sharded": "hf-to-neox",
-            "hf_gqa": "hf-to-neox", "meta": "llama-to-neox"}
+COMMANDS = {"neox": NEOX_TO_HF, "neox_seq": NEOX_TO_HF, "neox_llama": NEOX_TO_HF, "hf": "hf-to-neox",
+            "hf_sharded": "hf-to-neox", "hf_gqa": "hf-to-neox", "meta": "llama-to-neox"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -324,6 +387,25 @@ def test_bad_input(name, pristine, tmp_path):
     assert len(lines) == 1 and "Traceback" not in err, err
     assert re.search(case.pattern, lines[0]), lines[0]
     assert no_output(out)
+
+
+@pytest.mark.parametrize("name", ["all-ranks-column-short", "qkv-contradicts-heads", "neox-gated-mlp-rows-short",
+                                  "hf-mlp-size-contradicts-config", "meta-first-layer-wq-short"])
+def test_every_command_refuses_damage_the_spec_shows(name, pristine, tmp_path):
+    """Damage that is the same on every rank (only the spec can see it) and shapes contradicting the
+    config are refused by every command that reads the checkpoint: the readers check, not the
+    conversion. Conversions, parity and inspect exit 2; verify calls it damage (exit 1)."""
+    case = CASES[name]
+    src = fresh(pristine, case.source, tmp_path / "src")
+    case.damage(src)
+    for args in ((COMMANDS[case.source], src, tmp_path / "out"), ("parity", src, pristine["hf_gqa"]), ("inspect", src)):
+        code, _, err = run_cli(*args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and re.search(case.pattern, lines[0]), (args[0], err)
+    assert no_output(tmp_path / "out")
+    code, out, _ = run_cli("verify", src, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["verdict"] == "damaged" and re.search(case.pattern, report["problems"][0]), report
 
 
 def test_pickle_payload_never_runs(pristine, tmp_path):
@@ -397,3 +479,21 @@ def test_check_finite_scans_in_chunks(monkeypatch):
     finally:
         nio.set_check_finite(False)
     nio.check_finite(t, "f.pt", "w", 3)  # off unless asked for
+
+
+def test_numpy1_rng_state_is_accepted(pristine, tmp_path):
+    """NeoX files written under numpy 1 pickle their RNG state naming numpy.core.multiarray; numpy 2
+    moved it to numpy._core. The allowlist accepts both names (and nothing more)."""
+    from neoxconv.io import load_pickle
+
+    src = pristine["neox_seq"] / TAG / "mp_rank_00_model_states.pt"
+    dst = tmp_path / "np1.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+                assert b"cnumpy.core.multiarray\n_reconstruct\n" in data  # the numpy-1 name, for real
+            zout.writestr(info, data)
+    state = load_pickle(dst)
+    assert np.array_equal(state["np_rng_state"][1], load_pickle(src)["np_rng_state"][1])

@@ -276,7 +276,7 @@ def test_biases_are_honoured(tmp_path):
         cfg = json.loads((tmp_path / "h" / "config.json").read_text())
         assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
         assert_same_hf_weights(model, tmp_path / "h")
-    with pytest.raises(NeoxconvError, match="Mistral has no attention or MLP biases"):
+    with pytest.raises(NeoxconvError, match="HF Mistral.* has no attention and MLP biases"):
         convert(src, tmp_path / "m", to="hf", family="mistral")
 
 
@@ -366,7 +366,7 @@ def test_meta_params_details(tmp_path, hf_src):
     with pytest.raises(NeoxconvError, match="use_scaled_rope"):
         convert(bad, tmp_path / "x", to="hf")
     wrong_kv = save_meta(tmp_path / "kv", sh, dict(params, n_kv_heads=4))
-    with pytest.raises(NeoxconvError, match="wk has 8 rows"):
+    with pytest.raises(NeoxconvError, match="wk.weight has 8 rows"):
         convert(wrong_kv, tmp_path / "y", to="hf")
 
 

@@ -15,6 +15,7 @@ from neoxconv.errors import NeoxconvError
 from neoxconv.roles import COLUMN, REPLICATED, ROW, ROW_BIAS, VOCAB, FusedQKV
 from neoxconv.spec import ModelSpec
 from neoxconv.table import entries
+from neoxconv.window import way_out
 
 L = "gpt_neox.layers.{i}."  # HF prefix of layer i (canonical: "layers.{i}.")
 # Q, K and V in one tensor, per head [q_h; k_h; v_h] (neox-formats.md §4.1)
@@ -87,7 +88,7 @@ def config_from_spec(spec: ModelSpec) -> dict:
                             f"{', QK-norm' if spec.qk_norm else ''}{', local attention' if spec.local_layers else ''}"
                             f"{', gpt_j_tied' if spec.parallel_norms_tied else ''}); export as custom")
     if spec.sliding_window:
-        raise NeoxconvError("HF GPTNeoX has no sliding-window attention; export as mistral")
+        raise NeoxconvError(way_out(spec, "GPTNeoX"))
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",

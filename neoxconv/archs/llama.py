@@ -18,10 +18,11 @@ Config: transformers 5 nests the rotary base in `rope_parameters`; 4.x reads the
 from __future__ import annotations
 
 from neoxconv.archs.base import Arch, first, rope_fields
-from neoxconv.errors import NeoxconvError
+from neoxconv.errors import DamagedInput, NeoxconvError
 from neoxconv.roles import COLUMN, REPLICATED, ROW, ROW_BIAS, VOCAB
 from neoxconv.spec import ModelSpec
 from neoxconv.table import entries
+from neoxconv.window import way_out
 
 L = "model.layers.{i}."  # HF prefix of layer i (canonical: "layers.{i}.")
 
@@ -77,15 +78,16 @@ def spec_from_config(cfg: dict, shapes: dict[str, tuple], family: str = "llama",
         raise NeoxconvError(f"{where}: head_dim {head_dim} differs from hidden_size/num_attention_heads = "
                             f"{d}; only models with head_dim == hidden/heads are supported")
     q_rows, k_rows = shapes["layers.0.attn.q.weight"][0], shapes["layers.0.attn.k.weight"][0]
-    if q_rows != hidden or k_rows % d:
-        raise NeoxconvError(f"{where}: q_proj has {q_rows} rows and k_proj {k_rows}, which {heads} heads of "
-                            f"size {d} cannot give (is head_dim {hidden}/{heads}?)")
+    if q_rows != hidden or k_rows % d:  # the sizes are read from layer 0: its damage is named as such
+        raise DamagedInput(f"{where}: layer 0's q_proj has {q_rows} rows and k_proj {k_rows}, which "
+                           f"{heads} heads of size {d} cannot give (a damaged layer 0, or head_dim is not "
+                           f"{hidden}/{heads})")
     # KV heads from the shapes (T10); the config must agree when it says (its default differs
     # between classes: Llama = heads, Mistral = 8).
     kv = k_rows // d
     if cfg.get("num_key_value_heads") is not None and int(cfg["num_key_value_heads"]) != kv:
-        raise NeoxconvError(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} disagrees with k_proj's "
-                            f"{k_rows} rows ({kv} KV heads of size {d})")
+        raise DamagedInput(f"{where}: num_key_value_heads {cfg['num_key_value_heads']} disagrees with layer 0's "
+                           f"k_proj, {k_rows} rows ({kv} KV heads of size {d})")
     rope = rope_fields(cfg)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in (None, "default"):
@@ -133,7 +135,7 @@ def check_llama_like(spec: ModelSpec, family: str) -> None:
 def config_from_spec(spec: ModelSpec) -> dict:
     check_llama_like(spec, "llama")
     if spec.sliding_window:
-        raise NeoxconvError(f"HF Llama has no sliding-window attention (window {spec.sliding_window}); export as mistral")
+        raise NeoxconvError(way_out(spec, "Llama"))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -20,6 +20,7 @@ from neoxconv.archs.llama import FROM_HF_ACT, IGNORED, TENSORS, check_llama_like
 from neoxconv.archs.llama import spec_from_config as llama_spec
 from neoxconv.errors import NeoxconvError
 from neoxconv.spec import ModelSpec
+from neoxconv.window import way_out
 
 HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096 * 32}
 HF_DEFAULT_WINDOW = 4096
@@ -34,7 +35,9 @@ def spec_from_config(cfg: dict, shapes: dict[str, tuple]) -> ModelSpec:
 def config_from_spec(spec: ModelSpec) -> dict:
     check_llama_like(spec, "mistral")
     if spec.attn_bias or spec.mlp_bias:
-        raise NeoxconvError("HF Mistral has no attention or MLP biases; export this model as llama")
+        if spec.sliding_window:  # and Llama has no window: no stock class holds it
+            raise NeoxconvError(way_out(spec, "Mistral"))
+        raise NeoxconvError("HF Mistral has no attention or MLP biases; export this model as llama (--arch llama)")
     return {
         "architectures": ["MistralForCausalLM"],
         "model_type": "mistral",

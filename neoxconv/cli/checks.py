@@ -42,6 +42,9 @@ def parity_cmd(
     replicated: Annotated[Replicated, typer.Option(
         "--replicated", help="NeoX norm copies that differ across TP ranks: own (each rank its own, as NeoX "
                              "computes) or mean (what an HF export holds).")] = Replicated.own,
+    window_dropped: Annotated[bool, typer.Option(
+        "--window-dropped", help="B is A exported with --drop-sliding-window: compare on at most A's window length "
+                                 "(sliding_window_width + 1 tokens), where both compute the same function.")] = False,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Compare the logits of two checkpoints (any formats) on one token batch; exit 0 pass, 1 fail, 2 bad input."""
@@ -55,7 +58,8 @@ def parity_cmd(
     set_trust_pickle(trust_pickle)
     report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype.value, device=device,
                         atol=atol, rtol=rtol, config_files=config, config_files_b=config_b, arch=family_of(arch),
-                        qkv_layout=value_of(qkv_layout), qkv_layout_b=value_of(qkv_layout_b), replicated=replicated.value)
+                        qkv_layout=value_of(qkv_layout), qkv_layout_b=value_of(qkv_layout_b),
+                        replicated=replicated.value, window_dropped=window_dropped)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the report; rank 0 speaks

@@ -9,9 +9,9 @@ import typer
 
 from neoxconv.choices import Family, MetaStyle, NeoxLayout, NeoxSchema, OutDtype, QkvLayout, Target, value_of
 from neoxconv.cli.app import app, console
-from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DtypeOpt, EosTokenOpt, FiniteOpt, ForceOpt,
-                                  LayoutOpt, MaxShardOpt, PpOpt, QkvOpt, SchemaOpt, TokenizerOpt, TpOpt, TrimOpt,
-                                  TrustOpt, VerifyOpt, VocabMultipleOpt, family_of)
+from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DropWindowOpt, DtypeOpt, EosTokenOpt, FiniteOpt,
+                                  ForceOpt, LayoutOpt, MaxShardOpt, PpOpt, QkvOpt, SchemaOpt, TokenizerOpt, TpOpt,
+                                  TrimOpt, TrustOpt, VerifyOpt, VocabMultipleOpt, family_of)
 
 
 def _progress(total: int, what: str):
@@ -82,6 +82,7 @@ def neox_to_hf(
     dtype: DtypeOpt = OutDtype.auto,
     max_shard_size: MaxShardOpt = "5GB",
     trim_vocab_padding: TrimOpt = False,
+    drop_sliding_window: DropWindowOpt = False,
     qkv_layout: QkvOpt = None,
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
@@ -103,7 +104,8 @@ def neox_to_hf(
                     qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value,
                     max_shard_size=parse_size(max_shard_size),
                     trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, chat_template=chat_template,
-                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
+                    drop_sliding_window=drop_sliding_window)
     if push_to_hub:
         from neoxconv.hub import upload_command
 
@@ -186,6 +188,7 @@ def convert_cmd(
     dtype: DtypeOpt = OutDtype.auto,
     max_shard_size: MaxShardOpt = "5GB",
     trim_vocab_padding: TrimOpt = False,
+    drop_sliding_window: DropWindowOpt = False,
     qkv_layout: QkvOpt = None,
     out_qkv_layout: Annotated[Optional[QkvLayout], typer.Option(
         "--out-qkv-layout", help="NeoX → NeoX only: QKV layout to write when it differs from the source's "
@@ -215,4 +218,4 @@ def convert_cmd(
     _run_conversion(src, out, to.value, trust_pickle, config_files=config, family=family_of(arch),
                     qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tokenizer=tokenizer, chat_template=chat_template,
                     eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
-                    **opts)
+                    drop_sliding_window=drop_sliding_window, **opts)

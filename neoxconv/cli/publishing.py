@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from neoxconv.choices import MainBranch
-from neoxconv.cli.options import (TrustOpt)
+from neoxconv.cli.options import DropWindowOpt, TrustOpt
 from neoxconv.cli.app import app, console, out_console
 
 
@@ -58,6 +58,7 @@ def export_run_cmd(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List what would be converted, uploaded and skipped; convert and send nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout (no progress).")] = False,
+    drop_sliding_window: DropWindowOpt = False,
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Export every checkpoint of a training run, one Hub branch (or directory) per step, incrementally:
@@ -77,6 +78,7 @@ def export_run_cmd(
     set_trust_pickle(trust_pickle)
     report = export_run(run_dir, out_dir, push_to_hub, steps=steps, branch_template=branch_template, main=main.value,
                         verify=verify, private=private, token=token, endpoint=endpoint, dry_run=dry_run,
+                        drop_sliding_window=drop_sliding_window,
                         on_progress=None if as_json else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
     if as_json:
         import json

@@ -21,6 +21,7 @@ from neoxconv.errors import DamagedInput, NeoxconvError
 from neoxconv.io import (SafetensorsStreamWriter, check_finite, check_finite_enabled, inside, load_pickle, read_json,
                          write_json)
 from neoxconv.tensormap import Group, TensorMap, group_of
+from neoxconv.validate import check_canonical, check_hf_config, check_hf_sizes
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -117,15 +118,13 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
     if not (path / "config.json").is_file():
         raise NeoxconvError(f"{path}: no config.json (not a Hugging Face model directory)")
     cfg = read_json(path / "config.json")
+    check_hf_config(cfg, path / "config.json")
     arch = archs.by_family(family) if family else archs.by_hf_config(cfg, str(path / "config.json"))
     store = _Store(_weight_files(path))
     heads = cfg.get("num_attention_heads")
     if not heads:
         raise NeoxconvError(f"{path / 'config.json'}: num_attention_heads missing")
     kv = cfg.get("num_key_value_heads") or heads
-    for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise NeoxconvError(f"{path / 'config.json'}: {key} must be a positive integer, got {value!r}")
     by_group: dict[Group, list[str]] = {}
     metas: dict[Group, dict[str, torch.Tensor]] = {}
     for name in store.metas:
@@ -135,32 +134,38 @@ def read_hf(path: Path, family: str | None = None) -> Checkpoint:
             canon = arch.to_canonical((heads, kv), {name: store.metas[name]})
         except KeyError:
             raise NeoxconvError(f"{store.where[name]}: unexpected tensor {name!r} for {arch.architecture}") from None
+        except NeoxconvError as e:  # a fused tensor whose shape its role cannot split
+            raise DamagedInput(f"{store.where[name]}: tensor {name}: {e}") from None
         group = group_of(next(iter(canon)))
         by_group.setdefault(group, []).append(name)
         metas.setdefault(group, {}).update(canon)
     if "embed" not in metas:
-        raise NeoxconvError(f"{path}: no embedding tensor found for {arch.architecture}")
+        raise DamagedInput(f"{path}: no embedding tensor found for {arch.architecture}")
     order = ["embed", *sorted(g for g in metas if isinstance(g, int)), "final"]
     metas = {g: _order(metas.get(g, {})) for g in order}
     shapes = {n: tuple(t.shape) for g in metas.values() for n, t in g.items()}
-    spec = arch.spec_from_config(cfg, shapes)
+    files = {g: sorted({str(store.where[n]) for n in names}) for g, names in by_group.items()}
+    check_hf_sizes(cfg, shapes, lambda n: ", ".join(files[group_of(n)]), path / "config.json")
+    try:
+        spec = arch.spec_from_config(cfg, shapes)
+    except KeyError as e:  # a tensor the sizes are read from
+        raise DamagedInput(f"{path}: tensor {e.args[0]} (canonical name) is missing ({arch.architecture} reads the "
+                           "model's sizes from it)") from None
     real_vocab = _real_vocab(path, spec.vocab_rows)
     spec = spec.replace(vocab_size=real_vocab or spec.vocab_rows,
                         dtype=str(metas["embed"]["embed.weight"].dtype).removeprefix("torch."))
-    expected = {f"layers.{i}" for i in range(spec.layers)}
-    have = {".".join(n.split(".")[:2]) for n in shapes if n.startswith("layers.")}
-    if expected - have:
-        raise NeoxconvError(f"{path}: missing tensors of layer {sorted(expected - have)[0].split('.')[1]}")
 
     def load(group: Group) -> dict[str, torch.Tensor]:
         return arch.to_canonical((heads, kv), store.get_many(by_group.get(group, [])))
 
     info = {"format": "hf", "path": str(path), "hf_config": cfg, "iteration": 0, "hf_hidden_act": cfg.get("hidden_act"),
             "vocab_known": real_vocab is not None,
-            "group_files": {g: sorted({str(store.where[n]) for n in names}) for g, names in by_group.items()}}
+            "group_files": files}
     from neoxconv.tokenizer.settings import hf_dir_settings
 
-    return Checkpoint(spec, TensorMap(metas, load), info, text=hf_dir_settings(path))
+    ckpt = Checkpoint(spec, TensorMap(metas, load), info, text=hf_dir_settings(path))
+    check_canonical(ckpt)  # every tensor's shape against the spec and the config: before anyone uses it
+    return ckpt
 
 
 def _order(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +59,7 @@ from neoxconv.roles import ROW, Context, resize_vocab
 from neoxconv.spec import ModelSpec
 from neoxconv.table import Entry, entries, merge_group, split_group, with_roles
 from neoxconv.tensormap import Group, TensorMap
+from neoxconv.validate import check_canonical
 
 PARAMS = "params.json"
 SHARD_FILE = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -227,22 +229,27 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
     def rows(name: str) -> int:
         return sum(sd[name].shape[0] for sd in shards)
 
-    if rows("layers.0.attention.wq.weight") != dim:
-        raise NeoxconvError(f"{files[0]}: wq has {rows('layers.0.attention.wq.weight')} rows over {p} shard(s), "
-                            f"params.json dim is {dim}")
+    q_rows = rows("layers.0.attention.wq.weight")
+    if q_rows != dim:  # sizes are read from layer 0: its damage is named here
+        raise DamagedInput(f"{files[0]}: tensor layers.0.attention.wq.weight has {q_rows} rows over {p} shard(s), "
+                           f"expected {dim} (params.json dim)")
     k_rows = rows("layers.0.attention.wk.weight")
     kv = k_rows // d
     want_kv = int(params.get("n_kv_heads") or heads)
     if k_rows != want_kv * d:
-        raise NeoxconvError(f"{files[0]}: wk has {k_rows} rows over {p} shard(s), but {want_kv} KV heads "
-                            f"(params.json n_kv_heads, default n_heads) of size {d} need {want_kv * d}")
+        raise DamagedInput(f"{files[0]}: tensor layers.0.attention.wk.weight has {k_rows} rows over {p} shard(s), "
+                           f"expected {want_kv * d} ({want_kv} KV heads (params.json n_kv_heads, default n_heads) "
+                           f"of size {d})")
     warnings: list[str] = []
-    ffn = rows("layers.0.feed_forward.w1.weight")
-    if "multiple_of" in params:
-        formula = ffn_size(dim, int(params["multiple_of"]), params.get("ffn_dim_multiplier"))
-        if formula != ffn:
-            warnings.append(f"params.json multiple_of/ffn_dim_multiplier give FFN size {formula}, the tensors have "
-                            f"{ffn}: using {ffn}")
+    # The FFN size: params.json's formula when a layer has it, else the layers' common size (not
+    # simply layer 0's, so that a damaged layer 0 is the one the shape check names).
+    sizes = [rows(f"layers.{i}.feed_forward.w1.weight") for i in range(n_layers)]
+    formula = ffn_size(dim, int(params["multiple_of"]), params.get("ffn_dim_multiplier")) \
+        if "multiple_of" in params else None
+    ffn = formula if formula in sizes else Counter(sizes).most_common(1)[0][0]
+    if formula is not None and formula != ffn:
+        warnings.append(f"params.json multiple_of/ffn_dim_multiplier give FFN size {formula}, the tensors have "
+                        f"{ffn}: using {ffn}")
     vocab = rows("output.weight")
     if int(params.get("vocab_size", -1)) not in (-1, vocab):
         warnings.append(f"params.json vocab_size {params['vocab_size']} differs from the {vocab} rows of output.weight: "
@@ -255,8 +262,8 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
     elif tuple(emb0) == (vocab, dim // p):
         emb_dim = 1
     else:
-        raise NeoxconvError(f"{files[0]}: tok_embeddings shard {tuple(emb0)} fits neither a dim-0 split "
-                            f"({vocab // p}, {dim}) nor a dim-1 split ({vocab}, {dim // p}) of {p} shards")
+        raise DamagedInput(f"{files[0]}: tok_embeddings shard {tuple(emb0)} fits neither a dim-0 split "
+                           f"({vocab // p}, {dim}) nor a dim-1 split ({vocab}, {dim // p}) of {p} shards")
 
     names = _names(family or "llama", hidden_split=emb_dim == 1)
     ctx = Context()
@@ -299,7 +306,9 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
     info = {"format": "meta", "path": str(path), "shards": p, "tp": p, "layout": layout, "embedding_split_dim": emb_dim,
             "meta_style": _style_of(emb_dim, params), "params": params, "iteration": 0,
             "tokenizer": str(tok) if tok else None, "warnings": warnings}
-    return Checkpoint(spec, TensorMap(metas, load), info)
+    ckpt = Checkpoint(spec, TensorMap(metas, load), info)
+    check_canonical(ckpt)  # every tensor's shape against the spec: before anyone uses it
+    return ckpt
 
 
 def _style_of(emb_dim: int | None, params: dict) -> str:
@@ -326,7 +335,10 @@ def _check_writable(spec: ModelSpec, shards: int) -> None:
     elif spec.parallel_residual:
         why = "it has no parallel (GPT-J) residual"
     elif spec.sliding_window:
-        why = f"it has no sliding-window attention (this model: window {spec.sliding_window})"
+        from neoxconv.window import exact_up_to, terms
+
+        why = (f"it has no sliding-window attention (this model: {terms(spec.sliding_window)}); pass "
+               f"--drop-sliding-window to write it without the window ({exact_up_to(spec.sliding_window)})")
     if why:
         raise NeoxconvError(f"cannot write a Meta Llama checkpoint: {why}")
     if shards < 1:

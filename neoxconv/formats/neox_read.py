@@ -19,6 +19,7 @@ from neoxconv.formats.neox_spec import spec_from_neox, tokenizer_size
 from neoxconv.roles import Context
 from neoxconv.table import Entry, merge_group
 from neoxconv.tensormap import Group, TensorMap
+from neoxconv.validate import check_neox
 
 
 def read_neox(path: Path, config_files: list[Path] | None = None, family: str | None = None,
@@ -81,4 +82,6 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
         info["hf_hidden_act"] = extra["hf_hidden_act"]
     from neoxconv.tokenizer.neox import recorded_settings
 
-    return Checkpoint(spec, tensors, info, text=recorded_settings(extra, nf.args, nf.tag_dir, nf.tag_dir / SIDECAR))
+    ckpt = Checkpoint(spec, tensors, info, text=recorded_settings(extra, nf.args, nf.tag_dir, nf.tag_dir / SIDECAR))
+    check_neox(ckpt)  # every stored shape, on every rank, against the spec: before anyone uses it
+    return ckpt

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from neoxconv import archs
-from neoxconv.errors import NeoxconvError
+from neoxconv.errors import DamagedInput, NeoxconvError
 from neoxconv.formats import neox_schema as schema_names
 from neoxconv.formats.neox_files import NeoxFiles, detect_schema, qkv_layout_for
 from neoxconv.spec import ModelSpec
@@ -204,15 +204,15 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
     d = hidden // heads
     qkv_rows = layer["attention.query_key_value.weight"].shape[0] * tp
     if qkv_rows != (heads + 2 * kv) * d:
-        raise NeoxconvError(f"{nf.file_for(2)}: query_key_value has {qkv_rows} rows over {tp} rank(s); "
-                            f"{heads} heads / {kv} KV heads of size {d} need {(heads + 2 * kv) * d}")
+        raise DamagedInput(f"{nf.file_for(2)}: query_key_value has {qkv_rows} rows over {tp} rank(s); "
+                           f"{heads} heads / {kv} KV heads of size {d} need {(heads + 2 * kv) * d}")
     layout = qkv_layout_for(heads, kv, schema, declared=qkv_layout, recorded=recorded_layout, where=where)
     down = layer.get("mlp.linear2.weight", layer.get("mlp.dense_4h_to_h.weight", layer.get("mlp.w2.weight")))
     gated = activation in GATED
     if gated and "mlp.linear1.weight" in layer and layer["mlp.linear1.weight"].shape[0] != 2 * down.shape[1]:
         # current ParallelMLP rounds F1 and F2 separately; they can disagree (§5.3 edge case)
-        raise NeoxconvError(f"{nf.file_for(2)}: gated mlp.linear1 has {layer['mlp.linear1.weight'].shape[0]} rows per "
-                            f"rank, not twice mlp.linear2's {down.shape[1]} columns")
+        raise DamagedInput(f"{nf.file_for(2)}: gated mlp.linear1 has {layer['mlp.linear1.weight'].shape[0]} rows per "
+                           f"rank, not twice mlp.linear2's {down.shape[1]} columns")
     qk_norm = _flag(a, "use_qk_layernorm")
     # QK-norm over [heads per rank, head_dim]: LayerNorm kinds (and apex's fused RMSNorm) reduce
     # over both dims, NeoX's RMSNorm and ScaleNorm over head_dim only (doc §4).

@@ -18,7 +18,9 @@ layout alone; ``--verify`` uses it.
 
 The NeoX reference computes NeoX's sliding window (W+1 keys on global layers through the training
 mask, on flash layers through ``window_size=(W, -1)``), so NeoX ``sliding_window_width`` W must
-face HF ``sliding_window`` W+1.
+face HF ``sliding_window`` W+1. ``window_dropped`` compares a model with the same model exported
+without its window (``--drop-sliding-window``): on at most W+1 tokens, which the window never cuts,
+so both compute the same function, and the missing window is not counted as a config difference.
 """
 
 from __future__ import annotations
@@ -89,9 +91,11 @@ def _text_tokens(text: str, sides: list[Side]) -> tuple[torch.Tensor, str]:
                         "NeoX HFTokenizer vocab-file); use random tokens instead (--tokens/--batch/--seed)")
 
 
-def _config_differences(a: Side, b: Side) -> dict[str, list]:
+def _config_differences(a: Side, b: Side, skip: tuple[str, ...] = ()) -> dict[str, list]:
     diffs = {}
     for f in NUMERIC_FIELDS:
+        if f in skip:
+            continue
         va, vb = getattr(a.spec, f), getattr(b.spec, f)
         same = (math.isclose(va, vb, rel_tol=1e-6) if isinstance(va, float) and isinstance(vb, float)
                 and not isinstance(va, bool) else va == vb)
@@ -100,10 +104,26 @@ def _config_differences(a: Side, b: Side) -> dict[str, list]:
     return diffs
 
 
+def _window_length(a: Side, b: Side, notes: list[str]) -> int:
+    """The longest sequence on which B = A without its window computes what A computes: A's window keys."""
+    from neoxconv.window import terms
+
+    keys = a.spec.sliding_window
+    if not keys or b.spec.sliding_window:
+        def say(k):
+            return terms(k) if k else "no window"
+
+        raise NeoxconvError(f"--window-dropped needs A with a sliding window and B without one (A: "
+                            f"{say(keys)}; B: {say(b.spec.sliding_window)})")
+    notes.append(f"B is A without its sliding window ({terms(keys)}): compared on sequences of at most {keys} tokens, "
+                 "which the window never cuts, so both compute the same function; beyond, they differ")
+    return keys
+
+
 def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: str | None = None,
                dtype: str = "fp32", device: str = "cpu", atol: float | None = None, rtol: float | None = None,
                config_files=None, config_files_b=None, arch: str | None = None, qkv_layout: str | None = None,
-               qkv_layout_b: str | None = None, replicated: str = "own") -> ParityReport:
+               qkv_layout_b: str | None = None, replicated: str = "own", window_dropped: bool = False) -> ParityReport:
     """Compare checkpoint ``b`` (candidate) with ``a`` (reference) on one token batch.
 
     ``config_files`` are NeoX YAMLs for A (default: A's own configs/), ``config_files_b`` for B;
@@ -111,7 +131,8 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
     side's default: the layout neoxconv recorded in its ``neoxconv.json``, else NeoX's history; a
     NeoX -> NeoX layout migration has different layouts on the two sides). Verdict "fail" if the
     logits differ beyond tolerance OR a numerics config field differs (``info["reasons"]`` lists
-    why; ``info["logits_verdict"]`` is the logits alone).
+    why; ``info["logits_verdict"]`` is the logits alone). ``window_dropped``: B is A without A's
+    sliding window; the batch is cut to the window's length (see the module doc).
     """
     if tokens < 1 or batch < 1:
         raise NeoxconvError("--tokens and --batch must be at least 1")
@@ -121,10 +142,17 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
     side_a = open_side(a, config_files, arch, qkv_layout)
     side_b = open_side(b, config_files_b, arch, qkv_layout_b)
     vocab = min(side_a.real_vocab, side_b.real_vocab)
+    notes: list[str] = []
+    limit = _window_length(side_a, side_b, notes) if window_dropped else None
+    if limit is not None and text is None:
+        tokens = min(tokens, limit)
     if text is not None:
         ids, tok_from = _text_tokens(text, [side_a, side_b])
         if ids.numel() == 0:
             raise NeoxconvError("--text encodes to no tokens")
+        if limit is not None and ids.shape[1] > limit:
+            raise NeoxconvError(f"--text gives {ids.shape[1]} tokens; with the window dropped only sequences of at "
+                                f"most {limit} tokens compute the same function")
         if int(ids.max()) >= vocab:
             raise NeoxconvError(f"--text gives token id {int(ids.max())}, outside the shared real vocabulary {vocab}")
         batch_info = {"source": "text", "tokenizer": tok_from, "batch": 1, "tokens": ids.shape[1]}
@@ -132,7 +160,6 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
         ids = make_batch(vocab, batch, tokens, seed)
         batch_info = {"source": "random", "batch": batch, "tokens": tokens, "seed": seed}
     batch_info["id_range"] = [0, vocab]
-    notes: list[str] = []
     if atol is None and rtol is None and dt == torch.float32:
         stored = max((side_a.spec.dtype, side_b.spec.dtype), key=lambda d: _PRECISION.get(d, 0))
         if stored != "float32" and side_a.spec.dtype != side_b.spec.dtype:
@@ -141,7 +168,7 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
                          f"a {stored}-level change even in fp32 compute, so the {stored} tolerances are used")
     logits_a = side_a.logits(ids, dt, dev, replicated)
     logits_b = side_b.logits(ids, dt, dev, replicated)
-    diffs = _config_differences(side_a, side_b)
+    diffs = _config_differences(side_a, side_b, ("sliding_window",) if window_dropped else ())
     backend = (f"torch.distributed ({os.environ['WORLD_SIZE']} processes)" if launched_by_torchrun()
                else "simulated ranks (one process)")
     info = {"a": side_a.summary(), "b": side_b.summary(), "batch": batch_info, "replicated": replicated,

@@ -58,8 +58,9 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
         # --verify checks the conversion against that ("mean"); the drift itself is reported in
         # the notes and measured by `neoxconv parity` (default "own").
         src_layout = qkv_layout if graph.detect(Path(src)) == "neox" else None
+        # --drop-sliding-window: compared within the window's length, where nothing changed.
         report = run_parity(src, tmp, config_files=config_files, arch=family, qkv_layout=src_layout,
-                            replicated="mean")
+                            replicated="mean", window_dropped=bool(result.get("dropped_window")))
         failed = failed_dir(out)
         report.info["b"]["path"] = str(out if report.passed else failed)
         save_report(report, tmp / REPORT_NAME)

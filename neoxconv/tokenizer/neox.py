@@ -43,14 +43,31 @@ def find_neox_tokenizer(neox_args: dict, base_dir: str | os.PathLike) -> Path | 
         if ttype:
             return None
         wanted = (".json", ".model")  # no tokenizer_type: decide by extension
-    base = Path(base_dir)
-    p = Path(os.path.expanduser(str(vocab)))
-    tries = [p] if p.is_absolute() else [base / p, *[parent / p for parent in base.parents][:3], Path.cwd() / p]
-    tries.append(base / p.name)
-    for cand in tries:
+    for cand in _candidates(vocab, base_dir):
         if cand.is_file() and cand.suffix in wanted:
             return cand.resolve()
     return None
+
+
+def _candidates(vocab, base_dir) -> list[Path]:
+    base = Path(base_dir)
+    p = Path(os.path.expanduser(str(vocab)))
+    tries = [p] if p.is_absolute() else [base / p, *[parent / p for parent in base.parents][:3], Path.cwd() / p]
+    return [*tries, base / p.name]
+
+
+def missing_tokenizer(neox_args: dict, base_dir) -> str | None:
+    """A warning when the NeoX config names a tokenizer that cannot be found or carried over (None
+    when it names none or it is found): the export then has no tokenizer."""
+    vocab = _neox_get(neox_args or {}, "vocab_file")
+    if not vocab or find_neox_tokenizer(neox_args, base_dir) is not None:
+        return None
+    ttype = str(_neox_get(neox_args, "tokenizer_type") or "").strip()
+    if ttype in ("", "HFTokenizer", "SPMTokenizer") and not any(c.is_file() for c in _candidates(vocab, base_dir)):
+        return (f"WARNING: the NeoX config's vocab-file {vocab} does not exist (looked beside {base_dir}, in its "
+                "parents and the working directory): the export has no tokenizer; pass --tokenizer PATH")
+    return (f"WARNING: the NeoX config's tokenizer ({ttype or 'type unknown'}, vocab-file {vocab}) is not one neoxconv "
+            "carries over (HFTokenizer .json, SPMTokenizer .model): the export has no tokenizer; pass --tokenizer PATH")
 
 
 def neox_tokenizer_source(neox_args: dict, base_dir) -> Path | None:
