@@ -53,8 +53,10 @@ def way_out(spec: ModelSpec, cls: str) -> str:
         return (f"HF {cls} has no sliding-window attention ({terms(keys)}): export as mistral (--arch mistral) or "
                 f"custom (--arch custom), or pass --drop-sliding-window to export without the window "
                 f"({exact_up_to(keys)})")
-    return (f"HF {cls} has no sliding-window attention ({terms(keys)}), and HF Mistral, the only stock class with "
-            f"one, {why}: export as custom (--arch custom; neoxconv's own code implements the window), or pass "
+    lead = (f"HF Mistral, the only stock class with a sliding window ({terms(keys)}), {why}" if cls == "Mistral" else
+            f"HF {cls} has no sliding-window attention ({terms(keys)}), and HF Mistral, the only stock class with "
+            f"one, {why}")
+    return (f"{lead}: export as custom (--arch custom; neoxconv's own code implements the window), or pass "
             f"--drop-sliding-window to export it without the window (as {_family_without(spec)}; "
             f"{exact_up_to(keys)})")
 
