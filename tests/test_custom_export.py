@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from fixtures.neox_raw import feature_checkpoint, random_rank_tensors, write_neox_checkpoint
 from fixtures.pristine import run_cli
 from neoxconv.convert import convert
-from neoxconv.custom.export import TEMPLATE_DIR, TEMPLATE_FILES
+from neoxconv.custom.export import TEMPLATE_DIR, TEMPLATE_FILES, stock_family
 from neoxconv.formats.neox import read_neox
 from neoxconv.parity import logits_for
 from neoxconv.reference import make_batch
@@ -92,7 +92,10 @@ def test_every_feature_exports_loads_and_matches_neox(exports, name):
     from transformers import AutoModelForCausalLM
 
     src, hf = exports[name]
-    assert read_neox(src).spec.family == MODELS[name][1]  # what neox-to-hf picks without --arch
+    family = MODELS[name][1]
+    assert read_neox(src).spec.family == family  # what neox-to-hf picks without --arch (archs.family_for)
+    # the custom package's own rule (on the export's config.json) agrees with the converter's
+    assert stock_family(json.loads((hf / "config.json").read_text())) == (None if family == "custom" else family)
     report = json.loads((hf / "parity-report.json").read_text())  # --verify: NeoX reference vs the export
     assert report["verdict"] == "pass" and report["info"]["config_check"]["verdict"] == "pass"
     assert report["max_abs_diff"] < 1e-5  # fp32, 2 layers; a wrong feature moves logits by >= 1e-3
@@ -179,6 +182,26 @@ def test_stock_models_through_the_custom_code_equal_the_stock_class(tmp_path):
             want = AutoModelForCausalLM.from_pretrained(stock, attn_implementation="eager")(batch).logits
             got = AutoModelForCausalLM.from_pretrained(custom, trust_remote_code=True)(batch).logits
         assert torch.equal(got, want), (family, (got - want).abs().max())
+
+
+def test_a_custom_export_with_its_tokenizer_loads_with_the_auto_classes(tmp_path):
+    """The whole user path: neox-to-hf picks the custom code by itself (ALiBi), the tokenizer goes
+    beside it, and AutoTokenizer + AutoModelForCausalLM(trust_remote_code=True) generate from text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fixtures.hf_export import tokenizer_json
+
+    src = feature_checkpoint(tmp_path / "neox", vocab_rows=320, pos_emb="alibi", activation="geglu", seed=3)
+    code, _, err = run_cli("neox-to-hf", src, tmp_path / "hf", "--tokenizer", tokenizer_json(tmp_path / "tok.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ids = tokenizer("the quick brown fox", return_tensors="pt").input_ids
+    assert 0 < ids.shape[1] < 8 and int(ids.max()) < 300
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
+    assert out.shape == (1, ids.shape[1] + 6) and torch.equal(out[:, : ids.shape[1]], ids)
+    assert isinstance(tokenizer.decode(out[0]), str)
 
 
 MISSTATED = [  # (model, config.json field of its export, a wrong value): parity must see each

@@ -3,7 +3,9 @@
 The HF side is `NeoXCustomForCausalLM` (model_type `neox_custom`), whose config.json names every
 NeoX feature explicitly (docs/custom-export.md §2.2) and whose tensors are unfused and TP-merged
 under the names of `custom.export.HF_NAMES`. A NeoX checkpoint exports here when no stock class
-computes it exactly (`custom.export.stock_family`), or with `--arch custom`.
+computes it exactly (archs.family_for: no stock family's config_from_spec accepts it; the custom
+package's own rule, `custom.export.stock_family`, agrees: tests/test_custom_export.py), or with
+`--arch custom`.
 
 Reading an export never executes its code: config.json is read as JSON.
 """
