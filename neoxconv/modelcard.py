@@ -67,10 +67,11 @@ A GPT-NeoX checkpoint converted to the Hugging Face `transformers` format with n
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained({{ load_args }}{% if custom_code %}, trust_remote_code=True{% endif %})
-tokenizer = AutoTokenizer.from_pretrained({{ load_args }})
+tokenizer = AutoTokenizer.from_pretrained({{ load_args }}{% if custom_code %}, trust_remote_code=True{% endif %})
 ```
 
 {% if custom_code %}{{ custom_code }}
+
 {% endif %}## Provenance
 
 | | |

@@ -195,13 +195,16 @@ def test_a_custom_export_with_its_tokenizer_loads_with_the_auto_classes(tmp_path
     code, _, err = run_cli("neox-to-hf", src, tmp_path / "hf", "--tokenizer", tokenizer_json(tmp_path / "tok.json"))
     assert code == 0, err
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()  # the card's snippet, as a user copies it
+    assert 'AutoTokenizer.from_pretrained("<this repo>", trust_remote_code=True)' in card
+    # transformers 5 reads config.json for AutoTokenizer (it would prompt without the flag)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert type(tokenizer).__module__.startswith("transformers.models")  # a stock tokenizer class
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     ids = tokenizer("the quick brown fox", return_tensors="pt").input_ids
-    assert 0 < ids.shape[1] < 8 and int(ids.max()) < 300
+    assert tokenizer.decode(ids[0]) == "the quick brown fox" and int(ids.max()) < 300
     out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
     assert out.shape == (1, ids.shape[1] + 6) and torch.equal(out[:, : ids.shape[1]], ids)
-    assert isinstance(tokenizer.decode(out[0]), str)
 
 
 MISSTATED = [  # (model, config.json field of its export, a wrong value): parity must see each
@@ -224,6 +227,25 @@ def test_a_misstated_feature_fails_parity(exports, tmp_path, name, field, value)
     (bad / "config.json").write_text(json.dumps({**config, field: value}))
     batch = make_batch(64, 2, TOKENS, seed=8)
     assert (logits_for(bad, batch) - logits_for(src, batch)).abs().max() > 1e-3, field
+
+
+DAMAGED_CONFIG = [  # config.json of a custom export -> words of the one-line error
+    ("norm", "fancynorm", "norm"), ("attention_types", ["global"], "attention_types"),
+    ("local_block_size", 0, "local_block_size must be a positive integer"),
+    ("norm_eps", -1.0, "norm_eps must be a non-negative number"),
+]
+
+
+@pytest.mark.parametrize("field,value,words", DAMAGED_CONFIG, ids=[d[0] for d in DAMAGED_CONFIG])
+def test_a_damaged_custom_config_is_refused_by_the_readers(exports, tmp_path, field, value, words):
+    """hf-to-neox reads config.json as JSON (never running the export's code) and refuses values
+    the custom model cannot mean: exit 2, one line naming the field, nothing written."""
+    bad = shutil.copytree(exports["silu"][1], tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, field: value}))
+    code, _, err = run_cli("hf-to-neox", bad, tmp_path / "neox", "--tp", 2)
+    assert code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "neox").exists()
 
 
 def _cfg(**keys) -> dict:

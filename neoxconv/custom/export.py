@@ -181,7 +181,8 @@ def model_card_section(config_dict: dict) -> str:
         "No stock Hugging Face class computes this GPT-NeoX architecture, so the model ships its own code "
         f"(`configuration_neox.py`, `modeling_neox.py`, version {CUSTOM_CODE_VERSION}, written by neoxconv; "
         "torch and transformers only). Loading it runs that code, so it needs `trust_remote_code=True` "
-        "(`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; the tokenizer loads without it). "
+        "(`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; `AutoTokenizer` too, as "
+        "transformers 5 reads config.json to find the tokenizer, which itself is a stock class). "
         "It supports `generate()` with a KV cache and padded batches.",
         "",
         "GPT-NeoX features it implements:",
