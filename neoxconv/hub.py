@@ -367,18 +367,7 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-def upload_command(
-    dir: str | os.PathLike,
-    repo_id: str,
-    revision: str | None = None,
-    private: bool = False,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    token: str | None = None,
-    endpoint: str | None = None,
-    dry_run: bool = False,
-    console=None,
-) -> UploadResult:
+def upload_command(dir: str | os.PathLike, repo_id: str, console=None, **options) -> UploadResult:
     """What ``neoxconv upload`` runs: validate, upload (or list for --dry-run), print a summary.
 
     Errors are raised as NeoxconvError (the CLI prints them as one line, exit code 2).
@@ -388,10 +377,8 @@ def upload_command(
 
     console = console or Console()
     console.print(f"Checking {dir} ...")
-    result = upload(
-        dir, repo_id, revision, private, commit_message, create_pr, token, endpoint, dry_run=dry_run,
-        on_step=lambda msg: console.print(f"[dim]-[/dim] {msg}"),
-    )
+    result = upload(dir, repo_id, on_step=lambda msg: console.print(f"[dim]-[/dim] {msg}"), **options)
+    dry_run, create_pr, private = result.dry_run, result.create_pr, result.private
 
     console.print(
         f"{'Would upload' if dry_run else 'Uploaded'} {len(result.files)} files ({human_size(result.total_bytes)}) "

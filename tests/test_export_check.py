@@ -11,18 +11,6 @@ from neoxconv.errors import NeoxconvError
 from neoxconv.export_check import list_upload_files, validate_export_dir
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "pythia-tiny-step100"
-    logits = build_export(out)
-    return out, logits
-
-
-@pytest.fixture
-def export_dir(export):
-    return export[0]
-
-
 def test_validate_complete_export(export_dir):
     check = validate_export_dir(export_dir)
     names = [n for n, _ in check.files]

@@ -16,24 +16,12 @@ from rich.console import Console
 from tokenizers import Tokenizer
 
 import neoxconv
-from fixtures.hf_export import LOADER, PROMPT_IDS, build_export, copy_dir, local_files
+from fixtures.hf_export import LOADER, PROMPT_IDS, copy_dir, local_files
 from neoxconv.errors import NeoxconvError
 from neoxconv.hub import upload, upload_command
 from neoxconv.modelcard import write_model_card
 
 REPO_ID = f"{USER}/pythia-tiny"
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "pythia-tiny-step100"
-    logits = build_export(out)
-    return out, logits
-
-
-@pytest.fixture
-def export_dir(export):
-    return export[0]
 
 
 # ----------------------------------------------------------------------------- upload
@@ -312,13 +300,14 @@ def test_xet_upload_against_fake_hub_fails_cleanly(export_dir, hub_client_env, m
 
 def test_upload_command_output(export_dir, fake_hub):
     console = Console(record=True, width=140)
-    upload_command(export_dir, REPO_ID, "step100", False, None, False, None, fake_hub.url, True, console)
+    upload_command(export_dir, REPO_ID, revision="step100", endpoint=fake_hub.url, dry_run=True, console=console)
     text = console.export_text()
     assert "Would upload 6 files" in text and "to tester/pythia-tiny@step100" in text and "model.safetensors" in text
     assert "Dry run: nothing was sent" in text and fake_hub.requests == []
 
     console = Console(record=True, width=140)
-    result = upload_command(export_dir, REPO_ID, "step100", True, "msg", False, VALID_TOKEN, fake_hub.url, False, console)
+    result = upload_command(export_dir, REPO_ID, revision="step100", private=True, commit_message="msg", token=VALID_TOKEN,
+                            endpoint=fake_hub.url, console=console)
     text = console.export_text()
     assert "Created branch step100" in text and result.commit_oid in text
 
