@@ -2,7 +2,8 @@
 
 FAMILIES names each family's module (holding its `ARCH`), in order of preference: a NeoX
 checkpoint records no HF family, so reading one picks the first family whose HF class computes
-the model exactly (`family_for`), `custom` (its own code) when no stock class does. This module imports no torch, so the CLI can list the families.
+the model exactly (`family_for`), `custom` (its own code) when no stock class does. This module
+imports no torch, so the CLI can list the families.
 """
 
 from __future__ import annotations

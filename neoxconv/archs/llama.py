@@ -2,8 +2,8 @@
 
 RMSNorm (weight only), a gated MLP down(act(gate(x)) * up(x)) (SwiGLU: `hidden_act` silu; NeoX's
 other gated activations as HF_ACT says), rotate-half rotary on the whole head (no permutation to or
-from NeoX, §4.4), grouped-query attention through `num_key_value_heads`. Optional biases: `attention_bias` (q, k, v and o) and `mlp_bias`
-(gate, up, down) -- read from the tensors present, written back as flags.
+from NeoX, §4.4), grouped-query attention through `num_key_value_heads`. Optional biases:
+`attention_bias` (q, k, v and o) and `mlp_bias` (gate, up, down) -- read from the tensors present, written back as flags.
 
 What neoxconv refuses instead of silently changing numerics:
 - `head_dim` different from hidden_size / num_attention_heads (NeoX and the canonical form

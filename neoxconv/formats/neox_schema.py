@@ -87,7 +87,8 @@ def _qk_norm(norm: str) -> list[Entry]:
 
 def _linear(stored: str, canonical: tuple[str, ...], fused: Role | None = None) -> list[Entry]:
     """Weight and bias of a linear layer of layer {i}; `fused` when it holds several tensors."""
-    return [Entry(f"{stored}.{p}", tuple(f"layers.{{i}}.{c}.{p}" for c in canonical), fused) for p in ("weight", "bias")]
+    return [Entry(f"{stored}.{p}", tuple(f"layers.{{i}}.{c}.{p}" for c in canonical), fused)
+            for p in ("weight", "bias")]
 
 
 def layer_entries(spec, schema: str, qkv_layout: str, local: bool = False) -> list[Entry]:
@@ -160,7 +161,8 @@ class NeoxNames:
         check_buildable(spec, schema)
 
         def bind(rows: list[Entry]) -> list[Entry]:
-            return with_roles(rows, lambda c: archs.role_of(c, spec.family), f"{spec.family} model in NeoX {schema} names")
+            return with_roles(rows, lambda c: archs.role_of(c, spec.family),
+                              f"{spec.family} model in NeoX {schema} names")
 
         return cls(embed=bind(embed_entries(spec)),
                    layer=bind(layer_entries(spec, schema, qkv_layout)),

@@ -216,7 +216,8 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
     qk_norm = _flag(a, "use_qk_layernorm")
     # QK-norm over [heads per rank, head_dim]: LayerNorm kinds (and apex's fused RMSNorm) reduce
     # over both dims, NeoX's RMSNorm and ScaleNorm over head_dim only (doc §4).
-    spans_heads = norm in ("layernorm", "non_parametric_layernorm") or (norm == "rmsnorm" and _flag(a, "rmsnorm_fusion"))
+    spans_heads = norm in ("layernorm", "non_parametric_layernorm") or (norm == "rmsnorm"
+                                                                       and _flag(a, "rmsnorm_fusion"))
     parallel = _flag(a, "gpt_j_residual")
     eps_key, eps_default = NORM_EPS[norm]
     window = hf_sliding_window(a, nf.num_layers, where)

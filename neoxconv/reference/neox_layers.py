@@ -343,8 +343,8 @@ def embed(run: Run, tokens: torch.Tensor, states: RankStates) -> list[torch.Tens
     sem = run.sem
     for r, st in zip(run.group.local_ranks, states):
         if ("position_embeddings.weight" in st) != (sem.pos_emb == "learned"):
-            raise NeoxconvError(f"pos_emb is {sem.pos_emb!r}, but the embedding "
-                                f"{'stores' if 'position_embeddings.weight' in st else 'lacks'} position_embeddings.weight")
+            has = "stores" if "position_embeddings.weight" in st else "lacks"
+            raise NeoxconvError(f"pos_emb is {sem.pos_emb!r}, but the embedding {has} position_embeddings.weight")
         w = _req(st, "word_embeddings.weight")
         rows = w.shape[0]
         local = tokens - r * rows
