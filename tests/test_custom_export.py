@@ -19,6 +19,7 @@ from fixtures.pristine import run_cli
 from neoxconv.convert import convert
 from neoxconv.custom.export import TEMPLATE_DIR, TEMPLATE_FILES, stock_family
 from neoxconv.formats.neox import read_neox
+from neoxconv.graph import read as read_checkpoint
 from neoxconv.parity import logits_for
 from neoxconv.reference import make_batch
 
@@ -119,6 +120,15 @@ def test_every_feature_exports_loads_and_matches_neox(exports, name):
     kw = dict(max_new_tokens=TOKENS, do_sample=False, pad_token_id=0)
     cached = model.generate(prompt, **kw)
     assert torch.equal(cached, model.generate(prompt, use_cache=False, **kw))
+
+
+def test_inspect_names_the_features(exports):
+    from neoxconv.inspect import _numerics
+
+    for name, words in (("gelu", "QK-norm, attention flash/global"), ("silu", "alibi positions"),
+                        ("glu", "sliding window 6 keys, attention flash/local"), ("swish", "gpt_j_tied")):
+        for path in exports[name]:  # the NeoX shards and the export say the same
+            assert words in _numerics(read_checkpoint(path).spec.to_dict()), name
 
 
 ROUND_TRIPS = [("gelu_tanh", 1), ("gelu_onnx", 4), ("relu", 2), ("mish", 1), ("silu", 1), ("bilinear", 4)]
