@@ -16,7 +16,7 @@ from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import NeoxconvError
 from neoxconv.formats.neox_config import neox_yaml
 from neoxconv.formats.neox_files import SCHEMAS, SIDECAR
-from neoxconv.formats.neox_schema import ROTARY_BUFFER, NeoxNames
+from neoxconv.formats.neox_schema import BUFFERS, NeoxNames, buffers
 from neoxconv.fusing import QKV_LAYOUTS
 from neoxconv.io import load_pickle, owned, save_pickle
 from neoxconv.roles import Context, padded_vocab
@@ -24,12 +24,6 @@ from neoxconv.spec import ModelSpec
 from neoxconv.table import split_group
 
 LAYOUTS = ("pipeline", "sequential")
-
-
-def inv_freq(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
-    """NeoX's rotary buffer 1/base^(2i/r), computed in fp32, then cast (§4.4)."""
-    r = spec.rotary_dims
-    return (1.0 / (spec.rotary_base ** (torch.arange(0, r, 2, dtype=torch.float32) / r))).to(dtype)
 
 
 def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout: str = "pipeline",
@@ -83,11 +77,10 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
     iteration = int(ckpt.info.get("iteration") or 0)
     tag = f"global_step{iteration}"
     tag_dir = out / tag
-    names = NeoxNames.of(spec.family, schema, spec.gated, spec.norm, layout_qkv)
+    names = NeoxNames.of(spec, schema, layout_qkv)
     ctx = Context.of(spec, vocab_rows=rows)
     tag_dir.mkdir(parents=True)
     L = spec.layers
-    buffers = {ROTARY_BUFFER: inv_freq(spec, out_dtype)} if schema == "legacy" else None
     # The sequential layout keeps a whole rank in one file. To hold only one layer in memory,
     # each layer is first saved as a part file; each rank's file is assembled at the end from
     # memory-mapped parts (page cache, not process memory).
@@ -111,13 +104,13 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
     for group in ckpt.tensors.groups():
         t = cast(ckpt.tensors.load_group(group))
         if group == "embed":
-            emit(0, split_group(names.embed, t, tp, ctx))
+            emit(0, split_group(names.embed, t, tp, ctx, buffers(spec, schema, tp, out_dtype, group)))
         elif group == "final":
             emit(L + 3, split_group(names.final, t, tp, ctx))
             if not spec.tied:
                 emit(L + 4, split_group(names.head, t, tp, ctx))
         else:
-            emit(group + 2, split_group(names.layer_at(group), t, tp, ctx, buffers))
+            emit(group + 2, split_group(names.layer_at(group), t, tp, ctx, buffers(spec, schema, tp, out_dtype, group)))
         if progress:
             progress(f"layer {group}" if isinstance(group, int) else str(group))
 
@@ -154,10 +147,10 @@ def _write_mp_rank_files(tag_dir: Path, tp: int, pp: int, layout: str, iteration
             module = {}
             for idx, path in parts[mp]:
                 module.update({f"sequential.{idx}.{k}": v for k, v in load_pickle(path).items()})
-        buffers = [k for k in (module or {}) if k.endswith("rotary_emb.inv_freq")]
+        buffer_names = [k for k in (module or {}) if k.endswith(BUFFERS)]
         state = {
             "module": module,
-            "buffer_names": buffers,
+            "buffer_names": buffer_names,
             "optimizer": None,
             "lr_scheduler": None,
             "sparse_tensor_module_names": [],
