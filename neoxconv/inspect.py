@@ -55,6 +55,20 @@ def _manifest(path: Path) -> dict | None:
             "neoxconv": m.get("neoxconv")}
 
 
+def _numerics(spec: dict) -> str:
+    """One line of what the model computes; the custom export's features only where they are set."""
+    position = spec.get("position", "rotary")
+    pos = f"rotary {spec['rotary_pct']}×d base {spec['rotary_base']:g}" if position == "rotary" else \
+        f"{position} positions"
+    extras = [what for what, on in (
+        ("QK-norm", spec.get("qk_norm")), ("gpt_j_tied", spec.get("parallel_norms_tied")),
+        (f"sliding window {spec.get('sliding_window')} keys", spec.get("sliding_window")),
+        (f"attention {'/'.join(spec.get('attention_types') or ())}",
+         set(spec.get("attention_types") or ()) - {"global"})) if on]
+    return (f"{spec['norm']} eps={spec['norm_eps']}, {spec['activation']}, {pos}, parallel residual "
+            f"{spec['parallel_residual']}, tied {spec['tied']}" + "".join(f", {e}" for e in extras))
+
+
 def render(d: dict, console: Console) -> None:
     head = Table(show_header=False, title=d["path"])
     for key in ("format", "layout", "tp", "pp", "iteration", "schema", "qkv_layout", "arch", "dtype"):
@@ -69,9 +83,7 @@ def render(d: dict, console: Console) -> None:
         m = d["manifest"]
         head.add_row("manifest", m.get("error") or f"{m['files']} files, {m['bytes']:,} bytes, written by neoxconv "
                                                    f"{m['neoxconv']} (`neoxconv verify` checks them)")
-    head.add_row("numerics", f"{spec['norm']} eps={spec['norm_eps']}, {spec['activation']}, rotary "
-                             f"{spec['rotary_pct']}×d base {spec['rotary_base']:g}, parallel residual "
-                             f"{spec['parallel_residual']}, tied {spec['tied']}")
+    head.add_row("numerics", _numerics(spec))
     console.print(head)
     for w in d.get("warnings", []):
         console.print(f"[yellow]WARNING:[/yellow] {w}", highlight=False, soft_wrap=True)

@@ -28,6 +28,8 @@
 ``source_fingerprint``  ``{"digest": "sha256:...", "files": {name: {"size", "sha256"}}}`` of
                         the source step (export-run)
 ``notes``               free text appended to the provenance section
+``custom_code``         markdown of a custom-code export (custom.export.model_card_section):
+                        the model then loads with ``trust_remote_code=True``
 ``neoxconv_version``    the converting neoxconv (default: this one)
 ======================  ====================================================================
 
@@ -64,11 +66,13 @@ A GPT-NeoX checkpoint converted to the Hugging Face `transformers` format with n
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained({{ load_args }})
-tokenizer = AutoTokenizer.from_pretrained({{ load_args }})
+model = AutoModelForCausalLM.from_pretrained({{ load_args }}{% if custom_code %}, trust_remote_code=True{% endif %})
+tokenizer = AutoTokenizer.from_pretrained({{ load_args }}{% if custom_code %}, trust_remote_code=True{% endif %})
 ```
 
-## Provenance
+{% if custom_code %}{{ custom_code }}
+
+{% endif %}## Provenance
 
 | | |
 |---|---|
@@ -220,6 +224,7 @@ def render_model_card(provenance: dict, default_name: str = "model") -> str:
         parity_json=json.dumps(parity, indent=2, sort_keys=True, default=str) if parity else "",
         fingerprint=fingerprint if isinstance(fingerprint, dict) and fingerprint.get("files") else None,
         extra=str(prov["notes"]).strip() if _get(prov, "notes") else "",
+        custom_code=str(prov["custom_code"]).strip() if _get(prov, "custom_code") else "",
     )
     return str(card).rstrip("\n") + "\n"
 

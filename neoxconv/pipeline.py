@@ -92,7 +92,7 @@ def execute(plan: Plan, root: Path, *, workers: int = 1, progress: Callable[[int
     def run(job) -> None:
         try:
             for rel, key, t in plan.produce(job.group):
-                if rel in done:
+                if rel in done or key is None:
                     continue
                 n = write_tensor(writers[rel], plan.files[rel], key, t)
                 if progress:

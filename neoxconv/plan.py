@@ -2,7 +2,7 @@
 contents, and one job per layer group.
 
 A writer describes its output as `outputs(group, tensors)`: the (file, key, tensor) triples one
-group of canonical tensors becomes, computed by the writer's own conversion code. Run on the
+group of canonical tensors becomes ((file, None, None): the file exists, holding no tensor), computed by the writer's own conversion code. Run on the
 shape-only tensors of `TensorMap.shapes` (neoxconv.lazy) it plans: every file's entries in order,
 hence every byte offset, the bytes each job writes and how many of them are copied from a source
 (Lazy rows) or computed (a real tensor: a row-parallel merge, a cast, a mean). Run on
@@ -158,6 +158,8 @@ def make_plan(groups: list[Group], shapes: Callable[[Group], dict], outputs: Out
                 entries[rel] = []
             if rel not in job.files:
                 job.files.append(rel)
+            if key is None:  # a file without tensors (an empty state dict): planned, nothing in it
+                continue
             entries[rel].append((key, t.dtype, tuple(t.shape)))
             n = t.numel() * t.dtype.itemsize
             job.tensors += 1

@@ -139,6 +139,11 @@ def finish_hf_export(tmp: Path, ckpt: Checkpoint, result: dict, plan: TokenizerP
     from neoxconv.tokenizer import TiktokenUnsupported, export_tokenizer
 
     prov = provenance(ckpt, result)
+    if result["spec"].family == "custom":  # the model's own code, and what it implements on the card
+        from neoxconv.custom.export import copy_code, model_card_section
+
+        copy_code(tmp)
+        prov["custom_code"] = model_card_section(result["config"])
     warnings = result.setdefault("warnings", [])
     info = None
     if plan.source is not None:

@@ -19,6 +19,8 @@ fused tensor) to p per-rank tensors and back:
 | REPLICATED    | norms          | a copy per rank                            | float64 mean (T6)                 |
 | FusedQKV(l)   | (q, k, v)      | COLUMN each, fused per rank in layout l    | unfused per rank, COLUMN each     |
 | GATED_MLP     | (up, gate)     | COLUMN each, [up_r ; gate_r] per rank (T7) | halves per rank, COLUMN each      |
+| RANK_SHARED_  | QK ScaleNorm   | chunk 0, one value per rank (each rank's   | each rank's value repeated over   |
+| GAIN          | gains [heads]  | heads must share it)                       | its heads, concat                 |
 
 merge(split(x)) == x bit for bit for every role and every p (tests/test_roles.py).
 """
@@ -138,11 +140,32 @@ class Replicated(Role):
         return (parts[0] if len(parts) == 1 else _mean64(parts),)
 
 
+@dataclass(frozen=True)
+class RankSharedGain(Role):
+    """One gain per TP rank, shared by that rank's heads (NeoX's QK ScaleNorm: `g` [1] in every
+    rank's attention); canonically one gain per head [heads]. A split needs every rank's heads to
+    share their gain, which holds at the TP the model was trained with and any multiple of it."""
+
+    def split(self, members, p, ctx):
+        (t,) = members
+        parts = _chunk(t, p, 0, self.name)
+        for r, part in enumerate(parts):
+            if not t.is_meta and not torch.equal(part, part[:1].expand_as(part)):
+                raise NeoxconvError(f"QK ScaleNorm gains differ between the heads of TP rank {r} of {p}; NeoX holds "
+                                    "one gain per rank: use the TP the model was trained with (or a multiple)")
+        return [part[:1] for part in parts]
+
+    def merge(self, parts, ctx):
+        per_rank = ctx.heads // len(parts)
+        return (torch.cat([part.reshape(1).expand(per_rank) for part in parts]),)
+
+
 VOCAB = VocabParallel("vocab")
 COLUMN = ColumnParallel("column")
 ROW = RowParallel("row")
 ROW_BIAS = RowParallelBias("row_bias")
 REPLICATED = Replicated("replicated")
+RANK_SHARED_GAIN = RankSharedGain("rank_shared_gain")
 
 
 # ---------------------------------------------------------------------------------------------

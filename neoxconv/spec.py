@@ -1,7 +1,8 @@
 """ModelSpec: everything that shapes a model's weights or its numerics, independent of format.
 
 Readers fill it from config files AND tensor shapes; where they disagree, the shapes win
-(neox-formats.md T10). Writers derive every config file they write from it.
+(neox-formats.md T10). Writers derive every config file they write from it. The values are GPT-NeoX's
+own (docs/custom-export.md specifies what each computes); a stock HF family holds a subset.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ from dataclasses import dataclass
 
 from neoxconv.errors import NeoxconvError
 
-NORMS = ("layernorm", "rmsnorm")
-# gelu: exact erf GELU. gelu_tanh: the tanh approximation (NeoX `bias_gelu_fusion`).
-# silu: SwiGLU, a gated MLP act(gate) * up.
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-GATED = {"silu"}
+# NeoX `norm`; eps placement as current NeoX (RMSNorm: x * rsqrt(mean(x^2) + eps), since 2025-05).
+NORMS = ("layernorm", "rmsnorm", "non_parametric_layernorm", "scalenorm")
+# NeoX `activation`, with GELU split by variant: gelu = exact erf GELU, gelu_tanh = `bias_gelu_fusion`,
+# gelu_onnx = `onnx_safe` (erf with 1.41421). Gated ones compute act(gate) * up.
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_onnx", "relu", "softsign", "swish", "mish", "silu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "glu", "bilinear")
+ACTIVATIONS = PLAIN_ACTIVATIONS + GATED_ACTIVATIONS
+GATED = set(GATED_ACTIVATIONS)
+POSITIONS = ("rotary", "alibi", "learned", "sinusoidal", "none")  # NeoX `pos_emb`
+ATTENTION_TYPES = ("global", "flash", "local")  # NeoX `attention_config` entries (dense ones)
 
 
 @dataclass(frozen=True)
@@ -38,24 +44,46 @@ class ModelSpec:
     attn_bias: bool = True
     mlp_bias: bool = True
     max_positions: int = 2048
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # HF convention: keys a query sees, itself included (NeoX W + 1)
     dtype: str = "float32"
+    position: str = "rotary"
+    position_offset: int = 0  # learned: NeoX opt_pos_emb_offset
+    position_multiplier: float = 1.0  # learned/sinusoidal: NeoX mup_rp_embedding_mult
+    qk_norm: bool = False  # NeoX use_qk_layernorm
+    # Heads one QK-norm normalises together: NeoX builds norm([heads per TP rank, head_dim]),
+    # which LayerNorm (and fused RMSNorm) reduce over both dims: heads // TP of training.
+    qk_norm_group: int = 1
+    attention_types: tuple[str, ...] = ()  # per layer; () = all global (filled in)
+    local_block: int = 16  # local layers: sparsity_config block
+    local_blocks: int = 4  # local layers: num_local_blocks (this block and blocks // 2 before it)
+    parallel_norms_tied: bool = False  # gpt_j_tied: the GPT-J residual's MLP uses input_layernorm
 
     def __post_init__(self) -> None:
         from neoxconv.archs import FAMILIES  # the registry (no torch, no cycle)
 
+        if not self.attention_types:
+            object.__setattr__(self, "attention_types", ("global",) * self.layers)
+        object.__setattr__(self, "attention_types", tuple(self.attention_types))
         if self.family not in FAMILIES:
             raise NeoxconvError(f"unknown model family {self.family!r} (known: {', '.join(FAMILIES)})")
-        if self.norm not in NORMS:
-            raise NeoxconvError(f"unsupported norm {self.norm!r} (supported: {', '.join(NORMS)})")
-        if self.activation not in ACTIVATIONS:
-            raise NeoxconvError(f"unsupported activation {self.activation!r}")
+        for what, value, allowed in (("norm", self.norm, NORMS), ("activation", self.activation, ACTIVATIONS),
+                                     ("position embedding", self.position, POSITIONS)):
+            if value not in allowed:
+                raise NeoxconvError(f"unsupported {what} {value!r} (supported: {', '.join(allowed)})")
+        bad = sorted(set(self.attention_types) - set(ATTENTION_TYPES))
+        if bad or len(self.attention_types) != self.layers:
+            raise NeoxconvError(f"attention types {list(self.attention_types)} are not one of "
+                                f"{', '.join(ATTENTION_TYPES)} for each of the {self.layers} layers")
         if self.hidden % self.heads:
             raise NeoxconvError(f"hidden size {self.hidden} is not divisible by {self.heads} attention heads")
         if self.heads % self.kv_heads:
             raise NeoxconvError(f"{self.heads} attention heads are not divisible by {self.kv_heads} KV heads")
         if self.vocab_size > self.vocab_rows:
             raise NeoxconvError(f"vocabulary size {self.vocab_size} exceeds the {self.vocab_rows} embedding rows")
+        if self.qk_norm_group < 1 or self.heads % self.qk_norm_group:
+            raise NeoxconvError(f"QK-norm group of {self.qk_norm_group} heads does not divide {self.heads} heads")
+        if self.parallel_norms_tied and not self.parallel_residual:
+            raise NeoxconvError("gpt_j_tied (one norm for attention and MLP) needs gpt_j_residual")
 
     @property
     def head_dim(self) -> int:
@@ -74,6 +102,11 @@ class ModelSpec:
     def gqa(self) -> bool:
         return self.kv_heads != self.heads
 
+    @property
+    def local_layers(self) -> tuple[int, ...]:
+        """Layers with NeoX's block-sparse `local` attention (`global` and `flash` compute the same)."""
+        return tuple(i for i, t in enumerate(self.attention_types) if t == "local")
+
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
 
@@ -88,3 +121,9 @@ class ModelSpec:
                         ("MLP intermediate size", self.intermediate)):
             if n % tp:
                 raise NeoxconvError(f"--tp {tp} does not divide the {n} {what}")
+        if self.qk_norm_group > 1 and tp != self.heads // self.qk_norm_group:
+            # NeoX's QK-norm normalises all heads of one TP rank together: the model computes what
+            # it was trained to only at the training TP (docs/custom-export.md §4).
+            raise NeoxconvError(f"this model's QK {self.norm} normalises {self.qk_norm_group} heads together, as NeoX "
+                                f"trained it at TP {self.heads // self.qk_norm_group}; at --tp {tp} NeoX would "
+                                f"compute a different model: use --tp {self.heads // self.qk_norm_group}")

@@ -104,15 +104,16 @@ def with_roles(rows: Iterable[Entry], role_of: Callable[[str], Role], where: str
 
 
 def split_group(rows: Iterable[Entry], tensors: dict[str, Tensor], p: int, ctx: Context,
-                buffers: dict[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
+                buffers: dict[str, list[Tensor]] | None = None) -> list[dict[str, Tensor]]:
     """What each of p ranks stores for one group, in table order: every entry whose canonical
-    tensors are all present, split by its role; `buffers` fill entries that hold none."""
+    tensors are all present, split by its role; `buffers` (one tensor per rank) fill entries that
+    hold none."""
     ranks: list[dict[str, Tensor]] = [{} for _ in range(p)]
     for e in rows:
         if not e.canonical:
             if buffers and e.name in buffers:
-                for r in ranks:
-                    r[e.name] = buffers[e.name]
+                for r, value in zip(ranks, buffers[e.name], strict=True):
+                    r[e.name] = value
         elif all(c in tensors for c in e.canonical):
             for r, part in zip(ranks, e.role.split([tensors[c] for c in e.canonical], p, ctx), strict=True):
                 r[e.name] = part

@@ -30,15 +30,22 @@ from __future__ import annotations
 
 from neoxconv.spec import ModelSpec
 
-# Tolerated in any shape: the stale rotary buffer of legacy checkpoints (ignored on read).
-_ANY_SHAPE = ("attention.rotary_emb.inv_freq",)
+# Tolerated in any shape: buffers, recomputed from the config (the reader checks the ALiBi slopes,
+# sinusoidal inv_freq and local block layout against it; the stale legacy rotary one is ignored).
+_ANY_SHAPE = ("attention.rotary_emb.inv_freq", "attention.alibi_embed.slopes", "attention.sparse_attn.master_layout",
+              "position_embeddings.inv_freq")
 
 
-def _norm(prefix: str, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    h = spec.hidden
+def _norm(prefix: str, spec: ModelSpec, shape: tuple[int, ...] | None = None) -> dict[str, tuple[int, ...]]:
+    """A NeoX norm's stored tensors over `shape` (default [hidden]); ScaleNorm keeps one gain."""
+    shape = shape or (spec.hidden,)
     if spec.norm == "rmsnorm":
-        return {f"{prefix}.scale": (h,)}
-    return {f"{prefix}.weight": (h,), f"{prefix}.bias": (h,)}
+        return {f"{prefix}.scale": shape}
+    if spec.norm == "scalenorm":
+        return {f"{prefix}.g": (1,)}
+    if spec.norm == "non_parametric_layernorm":
+        return {}
+    return {f"{prefix}.weight": shape, f"{prefix}.bias": shape}
 
 
 def _mlp(spec: ModelSpec, tp: int, schema: str) -> dict[str, tuple[int, ...]]:
@@ -59,7 +66,8 @@ def neox_rank_shapes(spec: ModelSpec, tp: int, schema: str, idx: int) -> dict[st
     """The stored {name: shape} of spec index `idx` on one of `tp` ranks."""
     h, d, rows = spec.hidden, spec.head_dim, spec.vocab_rows // tp
     if idx == 0:
-        return {"word_embeddings.weight": (rows, h)}
+        table = {"position_embeddings.weight": (spec.max_positions, h)} if spec.position == "learned" else {}
+        return {"word_embeddings.weight": (rows, h), **table}
     if idx == spec.layers + 3:
         return _norm("norm", spec)
     if idx == spec.layers + 4:
@@ -72,6 +80,8 @@ def neox_rank_shapes(spec: ModelSpec, tp: int, schema: str, idx: int) -> dict[st
     if spec.attn_bias:
         out["attention.query_key_value.bias"] = (qkv,)
         out["attention.dense.bias"] = (h,)
+    if spec.qk_norm:
+        out.update(_norm("attention.qk_layernorm", spec, (spec.heads // tp, d)))
     return {**out, **_mlp(spec, tp, schema)}
 
 
@@ -109,13 +119,20 @@ def neox_mismatch(spec: ModelSpec, tp: int, schema: str, idx: int, shapes: dict[
 def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """{canonical name: shape} the spec implies (tensormap.py's table)."""
     h, d, f, rows = spec.hidden, spec.head_dim, spec.intermediate, spec.vocab_rows
-    params = ("weight",) if spec.norm == "rmsnorm" else ("weight", "bias")
+    params = {"rmsnorm": ("weight",), "scalenorm": ("weight",), "non_parametric_layernorm": ()}.get(
+        spec.norm, ("weight", "bias"))
+    norm_shape = (1,) if spec.norm == "scalenorm" else (h,)
     out: dict[str, tuple[int, ...]] = {"embed.weight": (rows, h)}
-    out.update({f"final_norm.{p}": (h,) for p in params})
+    if spec.position == "learned":
+        out["embed.positions.weight"] = (spec.max_positions, h)
+    out.update({f"final_norm.{p}": norm_shape for p in params})
     if not spec.tied:
         out["lm_head.weight"] = (rows, h)
     for i in range(spec.layers):
-        layer = {f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in params}
+        layer = {f"{n}.{p}": norm_shape for n in ("attn_norm", "mlp_norm") for p in params}
+        if spec.qk_norm:  # [heads, head_dim]; ScaleNorm: one gain per head
+            layer.update({f"attn.qk_norm.{p}": (spec.heads,) if spec.norm == "scalenorm" else (spec.heads, d)
+                          for p in params})
         layer.update({"attn.q.weight": (spec.heads * d, h), "attn.k.weight": (spec.kv_heads * d, h),
                       "attn.v.weight": (spec.kv_heads * d, h), "attn.o.weight": (h, spec.heads * d),
                       "mlp.up.weight": (f, h), "mlp.down.weight": (h, f)})
@@ -141,9 +158,10 @@ def check(ckpt) -> None:
 # HF config.json: keys that must be positive integers, non-negative numbers, positive numbers
 # (when present and not null).
 _HF_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
-                     "max_position_embeddings", "num_attention_heads", "num_key_value_heads")
-_HF_NON_NEGATIVE = ("layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon")
-_HF_POSITIVE = ("rope_theta", "rotary_emb_base")
+                     "max_position_embeddings", "num_attention_heads", "num_key_value_heads",
+                     "local_block_size", "local_window_blocks", "qk_norm_group_heads")  # the last three: custom
+_HF_NON_NEGATIVE = ("layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon", "norm_eps")
+_HF_POSITIVE = ("rope_theta", "rotary_emb_base", "rotary_base")
 
 
 def check_hf_config(cfg: dict, where) -> None:

@@ -7,10 +7,12 @@ Hugging Face count the keys, W + 1. A sequence of at most W + 1 tokens never rea
 so a model without it computes the same logits on such sequences (tests/test_window.py checks
 this on the reference forward: identical at W + 1 tokens, different at W + 2).
 
-The way out: HF Mistral is the only stock class with a window, and it has no biases; HF Llama has
+The ways out: HF Mistral is the only stock class with a window, and it has no biases; HF Llama has
 biases but no window; GPTNeoX neither. A model that Mistral cannot hold (GPT-NeoX's own
-configs/mistral/7B.yml leaves `use_bias_in_mlp` true) can be exported with
-`--drop-sliding-window`, which is exact up to that length.
+configs/mistral/7B.yml leaves `use_bias_in_mlp` true) exports as neoxconv's custom code
+(`--arch custom`, chosen by itself when no stock class holds the model), which implements the
+window exactly; `--drop-sliding-window` instead exports it to a stock class without the window,
+which is exact up to that length.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ def exact_up_to(keys: int) -> str:
 
 def mistral_refusal(spec: ModelSpec) -> str | None:
     """Why HF Mistral, the one stock class with a window, cannot hold this model (window aside)."""
-    if spec.norm != "rmsnorm" or spec.activation != "silu":
+    if spec.norm != "rmsnorm" or spec.activation != "swiglu":
         return f"needs RMSNorm and a SwiGLU MLP (this model: {spec.norm}, {spec.activation})"
+    if spec.position != "rotary" or spec.qk_norm or spec.local_layers:
+        return "has rotary positions, dense attention and no QK-norm (this model is a custom GPT-NeoX one)"
     if spec.rotary_pct != 1.0:
         return f"rotates whole heads (this model: rotary_pct {spec.rotary_pct})"
     if spec.parallel_residual:
@@ -46,17 +50,21 @@ def way_out(spec: ModelSpec, cls: str) -> str:
     keys = spec.sliding_window
     why = mistral_refusal(spec)
     if why is None:
-        return (f"HF {cls} has no sliding-window attention ({terms(keys)}): export as mistral (--arch mistral), or "
-                f"pass --drop-sliding-window to export without the window ({exact_up_to(keys)})")
-    return (f"no Hugging Face class holds this model: it has a sliding window ({terms(keys)}), and HF Mistral, the "
-            f"only class with one, {why}; pass --drop-sliding-window to export it without the window (as "
-            f"{_family_without(spec)}; {exact_up_to(keys)})")
+        return (f"HF {cls} has no sliding-window attention ({terms(keys)}): export as mistral (--arch mistral) or "
+                f"custom (--arch custom), or pass --drop-sliding-window to export without the window "
+                f"({exact_up_to(keys)})")
+    lead = (f"HF Mistral, the only stock class with a sliding window ({terms(keys)}), {why}" if cls == "Mistral" else
+            f"HF {cls} has no sliding-window attention ({terms(keys)}), and HF Mistral, the only stock class with "
+            f"one, {why}")
+    return (f"{lead}: export as custom (--arch custom; neoxconv's own code implements the window), or pass "
+            f"--drop-sliding-window to export it without the window (as {_family_without(spec)}; "
+            f"{exact_up_to(keys)})")
 
 
 def _family_without(spec: ModelSpec) -> str:
     from neoxconv import archs
 
-    return archs.family_for(gated=spec.gated, rmsnorm=spec.norm == "rmsnorm", sliding_window=False)
+    return archs.family_for(spec.replace(sliding_window=None))
 
 
 def drop(spec: ModelSpec, family: str | None) -> tuple[ModelSpec, str]:

@@ -23,7 +23,7 @@ from neoxconv.spec import ModelSpec
 # Keys NeoX added on 2024-09-10 together with the current MLP names (adbf5d6f).
 POST_2024_09 = ("use_bias_in_mlp", "mlp_multiple_of")
 
-LLAMA = dict(norm="rmsnorm", norm_eps=1e-6, activation="silu", attn_bias=False, mlp_bias=False, family="llama")
+LLAMA = dict(norm="rmsnorm", norm_eps=1e-6, activation="swiglu", attn_bias=False, mlp_bias=False, family="llama")
 SPECS = {
     "classic": ModelSpec("gptneox", 64, 2, 4, 4, 256, 128, 100, rotary_pct=0.25, parallel_residual=True),
     "llama-default-width": ModelSpec(hidden=96, layers=2, heads=4, kv_heads=4, intermediate=legacy_llama_ff(96),

@@ -115,17 +115,23 @@ def test_unknown_tensors_and_norms_are_refused_not_dropped(tmp_path):
         read_neox(save)
     ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False)
     save = write_neox_checkpoint(tmp_path / "d", ranks, dict(CFG, norm="scalenorm"))
-    with pytest.raises(NeoxconvError, match="norm 'scalenorm' is not supported"):
+    with pytest.raises(NeoxconvError, match="norm 'scalenorm' in the config, but the layers store layernorm"):
         read_neox(save)
 
 
-def test_gpt_j_residual_without_mlp_bias_is_refused(tmp_path):
-    """NeoX computes such layers without their attention output; no HF model does that."""
+def test_gpt_j_residual_without_mlp_bias_needs_the_custom_export(tmp_path):
+    """NeoX computes such layers without their attention output; no stock HF class does that, the
+    custom export does (tests/test_custom_export.py proves its logits)."""
     ranks = random_rank_tensors(tp=1, layers=2, hidden=32, heads=4, ffn=128, vocab_rows=128, tied=False,
                                 mlp_bias=False)
     save = write_neox_checkpoint(tmp_path / "c", ranks, CFG)
-    with pytest.raises(NeoxconvError, match="without their attention output"):
-        read_neox(save)
+    spec = read_neox(save).spec
+    assert spec.family == "custom" and spec.parallel_residual and not spec.mlp_bias
+    from neoxconv.convert import convert
+
+    with pytest.raises(NeoxconvError, match="HF GPTNeoX cannot hold this model"):
+        convert(save, tmp_path / "hf", to="hf", family="gptneox")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_sliding_window_on_every_layer_type_plus_one(tmp_path):

@@ -32,6 +32,7 @@ MODELS = {
     "gptneox": {},  # parallel residual, rotary_pct 0.5, untied, biases (neoxconv.tiny)
     "llama": {"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 4},
     "mistral": {"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 4},
+    "custom": {},  # ScaleNorm, ALiBi (8 heads), ReGLU, GPT-J residual, a local layer (neoxconv.tiny)
 }
 FAMILIES = archs.families()
 TOKENS, BATCH = 16, 2

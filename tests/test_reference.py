@@ -468,7 +468,8 @@ def test_attention_types_expansion():
     assert attention_types('[[["flash"], 2]]', 2) == ("flash", "flash")  # a YAML string
     with pytest.raises(NeoxconvError, match="expected num_layers=3"):
         attention_types([[["flash"], 2]], 3)
-    for bad in ([[["local"], 2]], [[["flash", "sparse_fixed"], 1]], [[["mamba"], 2]]):
+    assert attention_types([[["local", "global"], 1]], 2) == ("local", "global")
+    for bad in ([[["bigbird"], 2]], [[["flash", "sparse_fixed"], 1]], [[["mamba"], 2]]):
         with pytest.raises(UnsupportedNeoxFeature):
             attention_types(bad, 2)
 
@@ -693,14 +694,20 @@ def test_replicated_mean_rounds_merged_values_to_the_stored_dtype(neox_parallel,
 
 def test_unsupported_features_raise(llama_mha):
     src = llama_to_neox(llama_mha, 1, "mha_interleaved")
-    for key, value in (("pos_emb", "learned"), ("use_qk_layernorm", True), ("norm", "scalenorm")):
+    for key, value in (("pos_emb", "rpe"), ("use_mup", True), ("moe_num_experts", 2), ("norm", "te_fused"),
+                       ("soft_prompt_tuning", {"enabled": True})):
         bad = InMemoryShardSource(src.tp, src.num_layers, {**src.args, key: value}, src.qkv_layout, src.layers)
         with pytest.raises(UnsupportedNeoxFeature):
             neox_reference_logits(bad, tokens())
     extra = llama_to_neox(llama_mha, 1, "mha_interleaved")
-    extra.layers[2][0]["attention.qk_layernorm.scale"] = torch.ones(8)
+    extra.layers[2][0]["attention.rpe.weight"] = torch.ones(8)
     with pytest.raises(UnsupportedNeoxFeature):
         neox_reference_logits(extra, tokens())
+    # a learned position table the config does not announce is not silently dropped
+    table = llama_to_neox(llama_mha, 1, "mha_interleaved")
+    table.layers[0][0]["position_embeddings.weight"] = torch.ones(8, 8)
+    with pytest.raises(NeoxconvError, match="stores position_embeddings.weight"):
+        neox_reference_logits(table, tokens())
 
 
 def test_config_errors(llama_gqa):

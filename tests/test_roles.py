@@ -204,17 +204,49 @@ def test_no_role_is_guessed_from_a_name():
     assert archs.role_of("layers.3.attn.o.bias") is ROW_BIAS
 
 
+def _spec(family: str, **kw):
+    from neoxconv.spec import ModelSpec
+
+    return ModelSpec(family=family, hidden=32, layers=2, heads=4, kv_heads=4, intermediate=64, vocab_rows=64,
+                     vocab_size=64, **kw)
+
+
 @pytest.mark.parametrize("family", archs.families())
 def test_neox_names_bind_a_role_to_every_stored_tensor(family):
     from neoxconv.formats.neox_schema import NeoxNames
 
     for schema in ("current", "legacy"):
-        for gated in (False, True):
+        for activation in ("gelu", "swiglu"):
             for norm in ("layernorm", "rmsnorm"):
-                names = NeoxNames.of(family, schema, gated, norm, "gqa_blocked")
+                names = NeoxNames.of(_spec(family, norm=norm, activation=activation), schema, "gqa_blocked")
                 rows = names.embed + names.layer_at(0) + names.final + names.head
                 assert all(e.role is not None for e in rows if e.canonical)
                 assert {e.canonical[0] for e in names.embed + names.head} == {"embed.weight", "lm_head.weight"}
+    # every norm, with QK-norm and learned positions (current names)
+    for norm in ("layernorm", "rmsnorm", "scalenorm", "non_parametric_layernorm"):
+        names = NeoxNames.of(_spec(family, norm=norm, qk_norm=True, position="learned"), "current", "mha_interleaved")
+        rows = names.embed + names.layer_at(0) + names.final + names.head
+        assert all(e.role is not None for e in rows if e.canonical)
+        qk = {e.name for e in rows if e.name.startswith("attention.qk_layernorm")}
+        assert qk == {"layernorm": {"attention.qk_layernorm.weight", "attention.qk_layernorm.bias"},
+                      "rmsnorm": {"attention.qk_layernorm.scale"}, "scalenorm": {"attention.qk_layernorm.g"},
+                      "non_parametric_layernorm": set()}[norm]
+        assert "position_embeddings.weight" in {e.name for e in names.embed}
+
+
+def test_qk_scalenorm_gain_is_one_per_rank_and_one_per_head_canonically():
+    """NeoX's QK ScaleNorm keeps one gain per TP rank for that rank's heads; canonically each head
+    has its rank's gain. A split needs the heads of each new rank to share one gain."""
+    from neoxconv.roles import RANK_SHARED_GAIN
+
+    ctx = Context(heads=8)
+    per_rank = [torch.tensor([1.5]), torch.tensor([0.25])]
+    (merged,) = RANK_SHARED_GAIN.merge(per_rank, ctx)
+    assert merged.tolist() == [1.5] * 4 + [0.25] * 4
+    assert [t.tolist() for t in RANK_SHARED_GAIN.split([merged], 2, ctx)] == [[1.5], [0.25]]
+    assert [t.tolist() for t in RANK_SHARED_GAIN.split([merged], 4, ctx)] == [[1.5], [1.5], [0.25], [0.25]]
+    with pytest.raises(NeoxconvError, match="gains differ between the heads of TP rank 0 of 1"):
+        RANK_SHARED_GAIN.split([merged], 1, ctx)
 
 
 def test_neox_refuses_a_family_that_declares_a_fused_member_otherwise(monkeypatch):
@@ -230,7 +262,7 @@ def test_neox_refuses_a_family_that_declares_a_fused_member_otherwise(monkeypatc
     monkeypatch.setattr(llama, "ARCH", dataclasses.replace(llama.ARCH, tensors=rows))
     with pytest.raises(NeoxconvError, match=r"query_key_value.weight fuses layers.{i}.attn.q.weight as column, "
                                             "but the model's family declares it row"):
-        NeoxNames.of("llama", "current", True, "rmsnorm", "gqa_blocked")
+        NeoxNames.of(_spec("llama", norm="rmsnorm", activation="swiglu"), "current", "gqa_blocked")
 
 
 # ---------------------------------------------------------------------------------------------

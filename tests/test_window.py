@@ -58,16 +58,33 @@ def mistral_7b_like(tmp_path_factory) -> Path:
     return root / "neox"
 
 
-@pytest.mark.parametrize("arch", [None, "llama", "mistral"])
-def test_every_refusal_names_the_way_out(mistral_7b_like, tmp_path, arch):
-    """Today's circle ("export as mistral" / "export as llama") is one message naming the option."""
+def test_no_stock_class_means_the_custom_export_with_the_window(mistral_7b_like, tmp_path):
+    """No stock class holds a window with MLP biases: neox-to-hf picks neoxconv's custom code
+    (docs/custom-export.md), which implements the window; --verify passes on sequences longer
+    than the window (64 tokens), so the window is really applied."""
+    out = tmp_path / "custom"
+    code, _, err = run_cli("neox-to-hf", mistral_7b_like, out, "--verify")
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["NeoXCustomForCausalLM"] and cfg["sliding_window_width"] == W
+    assert cfg["mlp_bias"] is True and "auto_map" in cfg
+    report = json.loads((out / "parity-report.json").read_text())
+    assert report["verdict"] == "pass" and report["info"]["batch"]["tokens"] > W + 1  # the window cuts
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_every_refusal_names_the_ways_out(mistral_7b_like, tmp_path, arch):
+    """A stock class asked for by name: one message naming --arch custom and --drop-sliding-window."""
     out = tmp_path / "out"
-    code, _, err = run_cli("neox-to-hf", mistral_7b_like, out, *(("--arch", arch) if arch else ()))
+    code, _, err = run_cli("neox-to-hf", mistral_7b_like, out, "--arch", arch)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert re.search(r"no Hugging Face class holds this model: it has a sliding window \(NeoX sliding_window_width 7"
-                     r".*HF Mistral, the only class with one, has no MLP biases; pass --drop-sliding-window .*as "
-                     r"llama; its logits are identical for sequences of at most 8 tokens", lines[0]), lines[0]
+    lead = {"llama": r"HF Llama has no sliding-window attention \(NeoX sliding_window_width 7.*HF Mistral, the only "
+                     r"stock class with one, has no MLP biases",
+            "mistral": r"HF Mistral, the only stock class with a sliding window \(NeoX sliding_window_width 7, i.e. HF "
+                       r"sliding_window 8\), has no MLP biases"}[arch]
+    assert re.search(lead + r": export as custom \(--arch custom; .*or pass --drop-sliding-window .*as llama; its "
+                     r"logits are identical for sequences of at most 8 tokens", lines[0]), lines[0]
     assert no_output(out)
 
 
@@ -135,7 +152,7 @@ def test_fused_softmax_warning_conditions(args, stored, warned):
 
 def _spec(**kw) -> ModelSpec:
     base = dict(family="llama", hidden=32, layers=2, heads=4, kv_heads=2, intermediate=48, vocab_rows=96,
-                vocab_size=96, norm="rmsnorm", activation="silu", attn_bias=False, mlp_bias=False, sliding_window=8)
+                vocab_size=96, norm="rmsnorm", activation="swiglu", attn_bias=False, mlp_bias=False, sliding_window=8)
     return ModelSpec(**{**base, **kw})
 
 
@@ -145,29 +162,31 @@ def test_refusals_of_each_writer():
     from neoxconv.formats.meta_llama import _check_writable
 
     with pytest.raises(NeoxconvError, match=r"^HF Llama has no sliding-window attention \(NeoX sliding_window_width "
-                                            r"7, i.e. HF sliding_window 8\): export as mistral \(--arch mistral\), or "
-                                            r"pass --drop-sliding-window"):
+                                            r"7, i.e. HF sliding_window 8\): export as mistral \(--arch mistral\) or "
+                                            r"custom \(--arch custom\), or pass --drop-sliding-window"):
         by_family("llama").config_from_spec(_spec())
     assert by_family("mistral").config_from_spec(_spec())["sliding_window"] == 8
     layernorm = _spec(family="gptneox", norm="layernorm", activation="gelu", kv_heads=4, rotary_pct=0.25)
-    with pytest.raises(NeoxconvError, match=r"HF Mistral, the only class with one, needs RMSNorm and a SwiGLU MLP .*"
-                                            r"--drop-sliding-window .*\(as gptneox; "):
+    with pytest.raises(NeoxconvError, match=r"HF Mistral, the only stock class with one, needs RMSNorm and a "
+                                            r"SwiGLU MLP .*--arch custom.*--drop-sliding-window .*\(as gptneox; "):
         by_family("gptneox").config_from_spec(layernorm)
     with pytest.raises(NeoxconvError, match=r"no sliding-window attention \(this model: NeoX sliding_window_width 7, "
                                             r"i.e. HF sliding_window 8\); pass --drop-sliding-window"):
         _check_writable(_spec(), 1)
 
 
-def test_export_run_takes_the_way_out_too(mistral_7b_like, tmp_path):
-    """A training run made with 7B.yml: every step is a dead end without the option, exported with it."""
+def test_export_run_takes_either_way_out(mistral_7b_like, tmp_path):
+    """A training run made with 7B.yml: each step exports as custom code with its window, or, with
+    --drop-sliding-window, to HF Llama without it."""
     code, out, _ = run_cli("export-run", mistral_7b_like, tmp_path / "steps", "--json")
     report = json.loads(out)
-    assert code == 1 and "--drop-sliding-window" in report["steps"][0]["error"]
-    code, out, _ = run_cli("export-run", mistral_7b_like, tmp_path / "steps", "--drop-sliding-window", "--json")
+    assert code == 0 and report["steps"][0]["status"] == "written", report
+    assert json.loads((tmp_path / "steps" / "step0" / "config.json").read_text())["sliding_window_width"] == W
+    code, out, _ = run_cli("export-run", mistral_7b_like, tmp_path / "dropped", "--drop-sliding-window", "--json")
     report = json.loads(out)
     assert code == 0 and report["steps"][0]["status"] == "written", report
     assert any("identical for sequences of at most 8 tokens" in w for w in report["steps"][0]["warnings"])
-    assert "sliding_window" not in json.loads((tmp_path / "steps" / "step0" / "config.json").read_text())
+    assert "sliding_window" not in json.loads((tmp_path / "dropped" / "step0" / "config.json").read_text())
 
 
 def test_window_dropped_needs_a_window_on_a_and_none_on_b(mistral_7b_like):

@@ -1,8 +1,9 @@
 """Model families: one table module per family, registered here.
 
 FAMILIES names each family's module (holding its `ARCH`), in order of preference: a NeoX
-checkpoint records no HF family, so reading one picks the first family whose HF class holds
-the model (`family_for`). This module imports no torch, so the CLI can list the families.
+checkpoint records no HF family, so reading one picks the first family whose HF class computes
+the model exactly (`family_for`), `custom` (its own code) when no stock class does. This module
+imports no torch, so the CLI can list the families.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from neoxconv.errors import NeoxconvError
 if TYPE_CHECKING:
     from neoxconv.archs.base import Arch
     from neoxconv.roles import Role
+    from neoxconv.spec import ModelSpec
 
 FAMILIES: dict[str, str] = {
     "gptneox": "neoxconv.archs.gptneox",
     "llama": "neoxconv.archs.llama",
     "mistral": "neoxconv.archs.mistral",
+    "custom": "neoxconv.archs.custom",  # every dense NeoX model, with its own code: last resort
 }
 
 
@@ -62,10 +65,14 @@ def by_hf_config(cfg: dict, where: str) -> Arch:
                         f"{', '.join(a.model_type for a in all_archs())})")
 
 
-def family_for(*, gated: bool, rmsnorm: bool, sliding_window: bool) -> str:
-    """The first family whose HF class holds a model of this kind (NeoX records no family)."""
-    kinds = {k for k, used in (("gated", gated), ("rmsnorm", rmsnorm), ("sliding_window", sliding_window)) if used}
+def family_for(spec: ModelSpec) -> str:
+    """The first registered family whose HF class computes this model exactly: its
+    `config_from_spec` accepts it (NeoX records no family; `custom` holds every dense NeoX model)."""
+    refusals = []
     for arch in all_archs():
-        if kinds <= arch.holds:
+        try:
+            arch.config_from_spec(spec)
             return arch.family
-    raise NeoxconvError(f"no registered model family holds a model with {', '.join(sorted(kinds))}")
+        except NeoxconvError as e:
+            refusals.append(f"{arch.family}: {e}")
+    raise NeoxconvError(f"no registered model family holds this model ({'; '.join(refusals)})")

@@ -19,9 +19,6 @@ from neoxconv.roles import Context, Role
 from neoxconv.spec import ModelSpec
 from neoxconv.table import Entry, Table
 
-# Model kinds that decide which family a NeoX checkpoint (which records none) is exported as.
-KINDS = ("gated", "rmsnorm", "sliding_window")
-
 
 @dataclass(frozen=True)
 class Arch:
@@ -30,8 +27,9 @@ class Arch:
     model_type: str
     tensors: tuple[Entry, ...]  # the table
     spec_from_config: Callable[[dict, dict[str, tuple]], ModelSpec]
+    # config.json for the HF class; raises NeoxconvError for a model the class does not compute
+    # exactly (which is how a NeoX checkpoint, recording no family, finds its family: archs.family_for).
     config_from_spec: Callable[[ModelSpec], dict]
-    holds: frozenset[str] = frozenset()  # which of KINDS the HF class can hold
     # Linear layers (canonical, e.g. "mlp.up") the HF class always builds with a bias: a model
     # without one is written with a zero bias (same numerics).
     always_biased: tuple[str, ...] = ()

@@ -44,9 +44,9 @@ TENSORS = entries(
     ("embed_out.weight",                     "lm_head.weight",                  VOCAB),
 )
 
-HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_fast", "relu": "relu"}
+HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_fast", "relu": "relu", "silu": "silu"}
 FROM_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-               "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+               "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
 
 
 def spec_from_config(cfg: dict, shapes: dict[str, tuple]) -> ModelSpec:
@@ -82,6 +82,11 @@ def spec_from_config(cfg: dict, shapes: dict[str, tuple]) -> ModelSpec:
 def config_from_spec(spec: ModelSpec) -> dict:
     if spec.gated or spec.norm != "layernorm" or spec.gqa:
         raise NeoxconvError("HF GPTNeoX cannot hold a gated MLP, RMSNorm or grouped-query attention; export as llama")
+    if spec.activation not in HF_ACT or spec.position != "rotary" or spec.qk_norm or spec.local_layers \
+            or spec.parallel_norms_tied or (spec.parallel_residual and not spec.mlp_bias):
+        raise NeoxconvError(f"HF GPTNeoX cannot hold this model ({spec.activation}, {spec.position} positions"
+                            f"{', QK-norm' if spec.qk_norm else ''}{', local attention' if spec.local_layers else ''}"
+                            f"{', gpt_j_tied' if spec.parallel_norms_tied else ''}); export as custom")
     if spec.sliding_window:
         raise NeoxconvError(way_out(spec, "GPTNeoX"))
     return {
@@ -118,7 +123,6 @@ ARCH = Arch(
     tensors=TENSORS,
     spec_from_config=spec_from_config,
     config_from_spec=config_from_spec,
-    holds=frozenset(),  # no gated MLP, no RMSNorm, no sliding window
     always_biased=("mlp.up", "mlp.down"),  # HF GPTNeoX always has MLP biases: zeros for a bias-free model
     read_aliases={"lm_head.weight": "embed_out.weight"},
     ignored=(r".*\.rotary_emb\.inv_freq", r".*\.attention\.(masked_)?bias"),

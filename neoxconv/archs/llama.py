@@ -1,15 +1,15 @@
 """Llama: HF LlamaForCausalLM <-> canonical.
 
-RMSNorm (weight only), SwiGLU MLP down(silu(gate(x)) * up(x)), rotate-half rotary on the whole
-head (no permutation to or from NeoX, §4.4), grouped-query attention through
-`num_key_value_heads`. Optional biases: `attention_bias` (q, k, v and o) and `mlp_bias`
-(gate, up, down) -- read from the tensors present, written back as flags.
+RMSNorm (weight only), a gated MLP down(act(gate(x)) * up(x)) (SwiGLU: `hidden_act` silu; NeoX's
+other gated activations as HF_ACT says), rotate-half rotary on the whole head (no permutation to or
+from NeoX, §4.4), grouped-query attention through `num_key_value_heads`. Optional biases:
+`attention_bias` (q, k, v and o) and `mlp_bias` (gate, up, down) -- read from the tensors present, written back as flags.
 
 What neoxconv refuses instead of silently changing numerics:
 - `head_dim` different from hidden_size / num_attention_heads (NeoX and the canonical form
   derive the head size from the hidden size);
 - RoPE scaling (`rope_type` other than "default", e.g. Llama 3.1's "llama3"): NeoX has none;
-- partial rotary and activations other than silu.
+- partial rotary and activations other than those of HF_ACT.
 
 Config: transformers 5 nests the rotary base in `rope_parameters`; 4.x reads the top-level
 `rope_theta`. Both are written so either version loads the same model.
@@ -52,6 +52,11 @@ TENSORS = entries(
 # Old transformers saved the rotary buffer; it carries no weights.
 IGNORED = (r".*\.rotary_emb\.inv_freq",)
 
+# NeoX's gated activations -> the HF `hidden_act` applied to the gate (the same function bit for bit
+# in fp32: tests/test_custom_model.py). NeoX geglu is exact erf GELU whatever bias_gelu_fusion says.
+HF_ACT = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "glu": "sigmoid", "bilinear": "linear"}
+FROM_HF_ACT = {hf: neox for neox, hf in HF_ACT.items()}
+
 HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048}
 
 
@@ -60,8 +65,9 @@ def spec_from_config(cfg: dict, shapes: dict[str, tuple], family: str = "llama",
     """ModelSpec from a Llama-style config.json; sizes come from the tensor shapes (T10)."""
     where = "config.json"
     act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise NeoxconvError(f"{where}: hidden_act {act!r} is not supported for {family} (only silu / SwiGLU)")
+    if act not in FROM_HF_ACT:
+        raise NeoxconvError(f"{where}: hidden_act {act!r} is not supported for {family} (supported: "
+                            f"{', '.join(FROM_HF_ACT)})")
     vocab_rows, hidden = shapes["embed.weight"]
     heads = int(cfg["num_attention_heads"])
     if hidden % heads:
@@ -101,7 +107,7 @@ def spec_from_config(cfg: dict, shapes: dict[str, tuple], family: str = "llama",
         vocab_size=vocab_rows,
         norm="rmsnorm",
         norm_eps=float(cfg.get("rms_norm_eps", defaults["rms_norm_eps"])),
-        activation="silu",
+        activation=FROM_HF_ACT[act],
         rotary_pct=1.0,
         rotary_base=float(first(rope, "rope_theta", default=first(cfg, "rope_theta", default=defaults["rope_theta"]))),
         parallel_residual=False,
@@ -115,9 +121,11 @@ def spec_from_config(cfg: dict, shapes: dict[str, tuple], family: str = "llama",
 
 def check_llama_like(spec: ModelSpec, family: str) -> None:
     """What any Llama-style HF class needs from the model."""
-    if spec.norm != "rmsnorm" or spec.activation != "silu":
-        raise NeoxconvError(f"HF {family} needs RMSNorm and a SwiGLU MLP (this model has {spec.norm} and "
-                            f"{spec.activation}); export as gptneox")
+    if spec.norm != "rmsnorm" or spec.activation not in HF_ACT:
+        raise NeoxconvError(f"HF {family} needs RMSNorm and a gated MLP (this model has {spec.norm} and "
+                            f"{spec.activation}); export as gptneox or custom")
+    if spec.position != "rotary" or spec.qk_norm or spec.local_layers:
+        raise NeoxconvError(f"HF {family} has rotary positions, dense attention and no QK-norm; export as custom")
     if spec.rotary_pct != 1.0:
         raise NeoxconvError(f"HF {family} rotates the whole head; this model has rotary_pct {spec.rotary_pct}")
     if spec.parallel_residual:
@@ -148,7 +156,7 @@ def common_config(spec: ModelSpec) -> dict:
         "num_attention_heads": spec.heads,
         "num_key_value_heads": spec.kv_heads,
         "head_dim": spec.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": HF_ACT[spec.activation],
         "max_position_embeddings": spec.max_positions,
         "rms_norm_eps": spec.norm_eps,
         "tie_word_embeddings": spec.tied,
@@ -168,6 +176,6 @@ ARCH = Arch(
     tensors=TENSORS,
     spec_from_config=spec_from_config,
     config_from_spec=config_from_spec,
-    holds=frozenset({"gated", "rmsnorm"}),
     ignored=IGNORED,
+    hf_activations=FROM_HF_ACT,
 )

@@ -16,7 +16,7 @@ Everything Mistral-specific:
 from __future__ import annotations
 
 from neoxconv.archs.base import Arch
-from neoxconv.archs.llama import IGNORED, TENSORS, check_llama_like, common_config
+from neoxconv.archs.llama import FROM_HF_ACT, IGNORED, TENSORS, check_llama_like, common_config
 from neoxconv.archs.llama import spec_from_config as llama_spec
 from neoxconv.errors import NeoxconvError
 from neoxconv.spec import ModelSpec
@@ -53,6 +53,6 @@ ARCH = Arch(
     tensors=TENSORS,
     spec_from_config=spec_from_config,
     config_from_spec=config_from_spec,
-    holds=frozenset({"gated", "rmsnorm", "sliding_window"}),
     ignored=IGNORED,
+    hf_activations=FROM_HF_ACT,
 )

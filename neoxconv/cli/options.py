@@ -37,8 +37,9 @@ VerifyOpt = Annotated[bool, typer.Option(
     "--verify", help="After writing, check logit parity of OUT against the source (fp32); on failure exit 1 and "
                      "move the output to OUT.parity-failed/ (report inside). See docs/parity.md.")]
 DropWindowOpt = Annotated[bool, typer.Option(
-    "--drop-sliding-window", help="Export without the sliding window, for a model no class with a window holds "
-                                  "(e.g. NeoX's configs/mistral/7B.yml: a window and MLP biases). Logits stay "
+    "--drop-sliding-window", help="Export to a stock class without the sliding window, for a model no stock class "
+                                  "with a window holds (e.g. NeoX's configs/mistral/7B.yml: a window and MLP biases; "
+                                  "without this flag it exports as custom code with the window). Logits stay "
                                   "identical for sequences of at most sliding_window_width + 1 tokens (a warning "
                                   "says how many; --verify compares within that length).")]
 # NeoX-target options, shared by hf-to-neox, llama-to-neox and convert --to neox.

@@ -155,6 +155,8 @@ class NeoXCustomConfig(PretrainedConfig):
             (self.position_embedding != "rotary" or (self.rotary_dims > 0 and self.rotary_dims % 2 == 0),
              f"rotary dims {self.rotary_dims} must be even and positive"),
             (n % self.qk_norm_group_heads == 0, f"qk_norm_group_heads {self.qk_norm_group_heads} does not divide {n}"),
+            (self.norm != "scalenorm" or self.qk_norm_group_heads == 1,
+             "qk_norm_group_heads must be 1 for scalenorm (it normalises each head; its gains are per head)"),
             (not (self.qk_norm and self.norm == "rmsnorm" and not self.rmsnorm_eps_inside_sqrt),
              "qk_norm with the pre-2025 NeoX RMSNorm is not a NeoX configuration (it fails there)"),
             (self.sliding_window_width is None or self.sliding_window_width >= 0, "sliding_window_width < 0"),

@@ -14,7 +14,6 @@ import json
 import shutil
 from pathlib import Path
 
-from neoxconv.custom.configuration_neox import CUSTOM_CODE_VERSION, NeoXCustomConfig
 from neoxconv.errors import NeoxconvError
 
 TEMPLATE_DIR = Path(__file__).parent
@@ -50,6 +49,8 @@ HF_NAMES = {
 
 def custom_config(config_dict: dict) -> NeoXCustomConfig:
     """The validated config; a bad value is a one-line NeoxconvError."""
+    from neoxconv.custom.configuration_neox import NeoXCustomConfig  # transformers: imported when used
+
     try:
         return NeoXCustomConfig(**config_dict)
     except (ValueError, TypeError) as e:
@@ -60,7 +61,7 @@ def config_json(config_dict: dict) -> dict:
     """config.json's content: every NeoX field explicit (not only those that differ from the
     defaults), the HF fields that differ from theirs, and the auto_map."""
     cfg = custom_config({**config_dict, "auto_map": AUTO_MAP, "architectures": [ARCHITECTURE]})
-    fields = [n for n in inspect.signature(NeoXCustomConfig.__init__).parameters if n not in ("self", "kwargs")]
+    fields = [n for n in inspect.signature(type(cfg).__init__).parameters if n not in ("self", "kwargs")]
     content = {**cfg.to_diff_dict(), **{name: getattr(cfg, name) for name in fields}}
     return json.loads(json.dumps(content))
 
@@ -73,16 +74,30 @@ def write_custom_code(out_dir: str | Path, config_dict: dict) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = config_json(config_dict)
-    for name in TEMPLATE_FILES:
-        shutil.copyfile(TEMPLATE_DIR / name, out / name)
+    copy_code(out)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
+
+
+def copy_code(out_dir: str | Path) -> None:
+    """The two code files, byte for byte (the converter writes config.json itself)."""
+    for name in TEMPLATE_FILES:
+        shutil.copyfile(TEMPLATE_DIR / name, Path(out_dir) / name)
+
+
+def is_neoxconv_code(model_dir: str | Path) -> bool:
+    """Whether a directory's code files are byte for byte the ones this neoxconv writes (so running
+    them runs neoxconv's own code, not code from elsewhere)."""
+    return all((Path(model_dir) / name).is_file()
+               and (Path(model_dir) / name).read_bytes() == (TEMPLATE_DIR / name).read_bytes()
+               for name in TEMPLATE_FILES)
 
 
 #: NeoX activation (gelu by its variant) -> the HF ``hidden_act`` that computes it bit for bit in fp32.
 #: GPTNeoX applies it to a plain MLP, Llama/Mistral to the gate of a gated MLP: act(gate) * up.
 STOCK_HIDDEN_ACT = {
-    "gptneox": {"gelu/erf": "gelu", "gelu/tanh": "gelu_fast", "relu": "relu", "silu": "silu", "swish": "silu"},
+    # NeoX's swish is its own kernel x * sigmoid(x), not HF's silu op: the custom export keeps it
+    "gptneox": {"gelu/erf": "gelu", "gelu/tanh": "gelu_fast", "relu": "relu", "silu": "silu"},
     "llama": {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "glu": "sigmoid", "bilinear": "linear"},
 }
 
@@ -158,18 +173,17 @@ def neox_features(config_dict: dict) -> list[str]:
 
 def model_card_section(config_dict: dict) -> str:
     """Markdown for the model card: how to load the custom code and what it implements."""
+    from neoxconv.custom.configuration_neox import CUSTOM_CODE_VERSION
+
     lines = [
         "## Custom code",
         "",
         "No stock Hugging Face class computes this GPT-NeoX architecture, so the model ships its own code "
         f"(`configuration_neox.py`, `modeling_neox.py`, version {CUSTOM_CODE_VERSION}, written by neoxconv; "
-        "torch and transformers only). Load it with `trust_remote_code=True`:",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        "```",
+        "torch and transformers only). Loading it runs that code, so it needs `trust_remote_code=True` "
+        "(`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; `AutoTokenizer` too, as "
+        "transformers 5 reads config.json to find the tokenizer, which itself is a stock class). "
+        "It supports `generate()` with a KV cache and padded batches.",
         "",
         "GPT-NeoX features it implements:",
         "",

@@ -140,13 +140,14 @@ class NeoXNorm(nn.Module):
     """A NeoX norm over the last dim, or (QK-norm) over ``group`` consecutive heads x head_dim.
 
     Parameters: layernorm ``weight``, ``bias``; rmsnorm ``weight`` (NeoX ``scale``); scalenorm
-    ``weight`` of shape [1] (NeoX ``g``); non_parametric_layernorm none."""
+    ``weight`` of shape [1] (NeoX ``g``), as QK-norm one gain per head (NeoX: one per TP rank, shared by
+    its heads); non_parametric_layernorm none."""
 
     def __init__(self, config, shape, group=1):
         super().__init__()
         self.kind, self.eps, self.group = config.norm, config.norm_eps, group
         self.eps_inside_sqrt = config.rmsnorm_eps_inside_sqrt
-        weight_shape = {"layernorm": shape, "rmsnorm": shape, "scalenorm": (1,)}.get(self.kind)
+        weight_shape = {"layernorm": shape, "rmsnorm": shape, "scalenorm": shape[:-1] or (1,)}.get(self.kind)
         self.weight = nn.Parameter(torch.ones(weight_shape)) if weight_shape else None
         self.bias = nn.Parameter(torch.zeros(shape)) if self.kind == "layernorm" else None
 
@@ -159,6 +160,8 @@ class NeoXNorm(nn.Module):
         if self.kind in ("layernorm", "rmsnorm"):
             weight = weight.reshape(grouped.shape[-2:])
             bias = None if bias is None else bias.reshape(grouped.shape[-2:])
+        elif self.kind == "scalenorm":  # per head: statistics over head_dim, the head's gain
+            weight = weight.view(-1, 1)
         return self._normalize(grouped, weight, bias).reshape(b, s, n, d)
 
     def _normalize(self, x, weight, bias):
@@ -293,10 +296,18 @@ class NeoXCustomPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
+class NeoXEmbedding(nn.Embedding):
+    """The word embedding. Called with ``hidden=`` it gives the tied output logits ``hidden @ weight.T``:
+    both uses are calls of this one module (so hooks around a module's call see its weight used)."""
+
+    def forward(self, input_ids=None, hidden=None):
+        return F.linear(hidden, self.weight) if hidden is not None else super().forward(input_ids)
+
+
 class NeoXCustomModel(NeoXCustomPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = NeoXEmbedding(config.vocab_size, config.hidden_size)
         if config.position_embedding == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(NeoXDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -421,8 +432,11 @@ class NeoXCustomForCausalLM(NeoXCustomPreTrainedModel, GenerationMixin):
         x = out.last_hidden_state
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)
+        embed = self.model.embed_tokens
+        if self.lm_head is not None:
+            logits = self.lm_head(x)
+        else:  # tied: the input embedding (a replaced one, e.g. by resize_token_embeddings, by its weight)
+            logits = embed(hidden=x) if isinstance(embed, NeoXEmbedding) else F.linear(x, embed.weight)
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])

@@ -301,7 +301,7 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
         vocab_size=vocab,
         norm="rmsnorm",
         norm_eps=float(params.get("norm_eps", 1e-5)),
-        activation="silu",
+        activation="swiglu",
         rotary_pct=1.0,
         rotary_base=float(params.get("rope_theta", 10000.0)),
         parallel_residual=False,
@@ -335,8 +335,10 @@ def _style_of(emb_dim: int | None, params: dict) -> str:
 
 def _check_writable(spec: ModelSpec, shards: int) -> None:
     why = None
-    if spec.norm != "rmsnorm" or spec.activation != "silu":
+    if spec.norm != "rmsnorm" or spec.activation != "swiglu":
         why = f"it needs RMSNorm and SwiGLU (this model: {spec.norm}, {spec.activation})"
+    elif spec.position != "rotary" or spec.qk_norm or spec.local_layers:
+        why = "it has rotary positions, dense attention and no QK-norm (this model is a custom GPT-NeoX one)"
     elif spec.attn_bias or spec.mlp_bias:
         why = "it has no attention or MLP biases"
     elif spec.rotary_pct != 1.0:

@@ -11,7 +11,21 @@ import yaml
 from neoxconv import __version__
 from neoxconv.spec import ModelSpec
 
-NEOX_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu", "relu": "relu", "silu": "swiglu"}
+# ModelSpec activation -> NeoX `activation` (GELU variants by bias_gelu_fusion / onnx_safe)
+NEOX_ACTIVATION = {"gelu_tanh": "gelu", "gelu_onnx": "gelu"}
+EPS_KEY = {"layernorm": "layernorm_epsilon", "non_parametric_layernorm": "layernorm_epsilon",
+           "rmsnorm": "rms_norm_epsilon", "scalenorm": "scalenorm_epsilon"}
+
+
+def attention_config(types: tuple[str, ...]) -> list:
+    """NeoX's [[types], count] items for the per-layer types, consecutive equal types as one item."""
+    out: list = []
+    for t in types:
+        if out and out[-1][0] == [t]:
+            out[-1][1] += 1
+        else:
+            out.append([[t], 1])
+    return out
 
 
 # NeoX versions a legacy-schema YAML is meant for (gpt-neox git history). NeoX builds
@@ -71,23 +85,30 @@ def neox_yaml(spec: ModelSpec, *, tp: int, pp: int, layout: str, vocab_multiple:
     cfg.update({
         "seq_length": spec.max_positions,
         "max_position_embeddings": spec.max_positions,
-        "pos_emb": "rotary",
+        "pos_emb": spec.position,
         "rotary_pct": spec.rotary_pct,
         "rotary_emb_base": int(spec.rotary_base) if float(spec.rotary_base).is_integer() else spec.rotary_base,
         "norm": spec.norm,
     })
-    if spec.norm == "layernorm":
-        cfg["layernorm_epsilon"] = spec.norm_eps
-    else:
-        cfg["rms_norm_epsilon"] = spec.norm_eps
+    if spec.position == "learned" and spec.position_offset:
+        cfg["opt_pos_emb_offset"] = spec.position_offset
+    if spec.position in ("learned", "sinusoidal") and spec.position_multiplier != 1.0:
+        cfg["mup_rp_embedding_mult"] = spec.position_multiplier
+    cfg[EPS_KEY[spec.norm]] = spec.norm_eps
     cfg.update({
         "gpt_j_residual": spec.parallel_residual,
-        "gpt_j_tied": False,
+        "gpt_j_tied": spec.parallel_norms_tied,
         "no_weight_tying": not spec.tied,
-        "activation": NEOX_ACTIVATION[spec.activation],
+        "activation": NEOX_ACTIVATION.get(spec.activation, spec.activation),
         "bias_gelu_fusion": spec.activation == "gelu_tanh",
         "use_bias_in_attn_linear": spec.attn_bias,
     })
+    if spec.activation == "gelu_onnx":
+        cfg["onnx_safe"] = True
+    if spec.qk_norm:
+        cfg["use_qk_layernorm"] = True
+        if spec.norm == "rmsnorm" and spec.qk_norm_group > 1:
+            cfg["rmsnorm_fusion"] = True  # apex's RMSNorm normalises [heads per rank, head_dim] together
     if not legacy:
         cfg["use_bias_in_mlp"] = spec.mlp_bias
         # Current ParallelMLP: gated F1 = int(I*2/3), F2 = F1//2, rounded to mlp_multiple_of (§5.3).
@@ -105,7 +126,12 @@ def neox_yaml(spec: ModelSpec, *, tp: int, pp: int, layout: str, vocab_multiple:
     cfg["make_vocab_size_divisible_by"] = vocab_multiple
     if spec.sliding_window:
         cfg["sliding_window_width"] = spec.sliding_window
+    if set(spec.attention_types) != {"global"}:
+        cfg["attention_config"] = attention_config(spec.attention_types)
+    elif spec.sliding_window and spec.family != "custom":  # (a custom export records its layer types)
         cfg["attention_config"] = [[["flash"], spec.layers]]  # as NeoX's configs/mistral: flash computes SWA without a mask
+    if spec.local_layers:
+        cfg["sparsity_config"] = {"block": spec.local_block, "num_local_blocks": spec.local_blocks}
     if dtype == "float16":
         cfg["precision"] = "fp16"
         cfg["fp16"] = {"enabled": True}

@@ -46,6 +46,8 @@ SEQ_KEY = re.compile(r"^sequential\.(\d+)\.(.+)$")
 # residual adds each rank's part, which is not a copy).
 NORM_PREFIXES = ("input_layernorm.", "post_attention_layernorm.", "norm.")
 ROW_BIASES = ("attention.dense.bias", "mlp.linear2.bias", "mlp.dense_4h_to_h.bias")
+# Stored by some layers only: the block layout of layers with local (sparse) attention.
+PER_LAYER_TYPE = ("attention.sparse_attn.master_layout",)
 
 
 def resolve_tag_dir(path: Path) -> Path:
@@ -208,7 +210,9 @@ class NeoxFiles:
                 first = self._first_layer
                 ref = f"layer {first - 2} ({self.file_for(first, 0).name})"
                 # Which of the two is damaged is for the spec check to say: name both.
-                self._same(idx, 0, seen[0], self.stored[first][0], ref, lambda n, f, e, ref=ref: (
+                mine, firsts = ({k: v for k, v in x.items() if k not in PER_LAYER_TYPE}
+                                for x in (seen[0], self.stored[first][0]))
+                self._same(idx, 0, mine, firsts, ref, lambda n, f, e, ref=ref: (
                     f"tensor {n} of layer {idx - 2} is {f} on TP rank 0, but {e} in {ref}: every NeoX layer stores "
                     "the same tensors"))
         self.stored[idx] = seen
@@ -363,6 +367,8 @@ def drift_warning(nf: NeoxFiles) -> str | None:
 
 
 def _kind(keys: set[str]) -> str:
+    if not keys:
+        return "empty"  # a module without parameters: the final non-parametric LayerNorm
     if any(k.startswith("word_embeddings.") for k in keys):
         return "embed"
     if any(k.startswith(("attention.", "input_layernorm.")) for k in keys):
@@ -378,9 +384,13 @@ def _check_indices(nf: NeoxFiles, describe, rank: int = 0) -> int:
     """Classify spec indices by content (rank `rank`'s files) and check the T1 layout; returns the layer count."""
     kinds = {idx: _kind(set(nf.rank_records(idx, rank))) for idx in nf.indices}
     layers = sorted(i for i, k in kinds.items() if k == "layer")
-    norm = [i for i, k in kinds.items() if k == "norm"]
     declared = nf.args.get("num_layers")
     n = int(declared) if declared else (max(layers) - 1 if layers else 0)
+    if nf.layout == "sequential" and not any(k == "norm" for k in kinds.values()) and n + 3 not in kinds:
+        # a final norm without parameters (non-parametric LayerNorm) stores no `sequential.N.` key
+        nf.indices = sorted([*nf.indices, n + 3])
+        kinds[n + 3] = "empty"
+    norm = [i for i, k in kinds.items() if k == "norm" or (k == "empty" and i == n + 3)]
     for i in range(2, n + 2):
         if kinds.get(i) != "layer":
             raise DamagedInput(f"{nf.tag_dir}: missing transformer layer {i - 2}: expected {describe(i)}")

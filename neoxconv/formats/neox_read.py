@@ -39,7 +39,7 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
                                           recorded_layout=extra.get("qkv_layout"))
     nf.qkv_layout = layout
     L = spec.layers
-    names = NeoxNames.of(spec.family, schema, spec.gated, spec.norm, layout)
+    names = NeoxNames.of(spec, schema, layout)
     ctx = Context.of(spec)
 
     def check_used(idx: int, states: list[dict], rows: list[Entry]) -> None:

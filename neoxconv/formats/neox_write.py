@@ -19,7 +19,7 @@ from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import NeoxconvError
 from neoxconv.formats.neox_config import neox_yaml
 from neoxconv.formats.neox_files import SCHEMAS, SIDECAR
-from neoxconv.formats.neox_schema import ROTARY_BUFFER, NeoxNames
+from neoxconv.formats.neox_schema import BUFFERS, NeoxNames, buffers
 from neoxconv.fusing import QKV_LAYOUTS
 from neoxconv import ptio
 from neoxconv.plan import OutFile, Plan, make_plan, pt_file
@@ -28,12 +28,6 @@ from neoxconv.spec import ModelSpec
 from neoxconv.table import split_group
 
 LAYOUTS = ("pipeline", "sequential")
-
-
-def inv_freq(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
-    """NeoX's rotary buffer 1/base^(2i/r), computed in fp32, then cast (§4.4)."""
-    r = spec.rotary_dims
-    return (1.0 / (spec.rotary_base ** (torch.arange(0, r, 2, dtype=torch.float32) / r))).to(dtype)
 
 
 def write_neox(ckpt: Checkpoint, out: Path, *, progress: Callable[[int], None] | None = None, workers: int = 1,
@@ -97,10 +91,9 @@ def plan_neox(ckpt: Checkpoint, *, tp: int = 1, pp: int = 1, layout: str = "pipe
     out_dtype = dtype or getattr(torch, spec.dtype)
     iteration = int(ckpt.info.get("iteration") or 0)
     tag = f"global_step{iteration}"
-    names = NeoxNames.of(spec.family, schema, spec.gated, spec.norm, layout_qkv)
+    names = NeoxNames.of(spec, schema, layout_qkv)
     ctx = Context.of(spec, vocab_rows=rows)
     L = spec.layers
-    buffers = {ROTARY_BUFFER: inv_freq(spec, out_dtype)} if schema == "legacy" else None
 
     def where(idx: int, rank: int, name: str) -> tuple[str, str]:
         if layout == "pipeline":
@@ -110,14 +103,20 @@ def plan_neox(ckpt: Checkpoint, *, tp: int = 1, pp: int = 1, layout: str = "pipe
     def outputs(group, t: dict[str, torch.Tensor]):
         t = {k: v.to(out_dtype) for k, v in t.items()}
         if group == "embed":
-            per_idx = [(0, split_group(names.embed, t, tp, ctx))]
+            per_idx = [(0, split_group(names.embed, t, tp, ctx, buffers(spec, schema, tp, out_dtype, group)))]
         elif group == "final":
             per_idx = [(L + 3, split_group(names.final, t, tp, ctx))]
             if not spec.tied:
                 per_idx.append((L + 4, split_group(names.head, t, tp, ctx)))
         else:
-            per_idx = [(group + 2, split_group(names.layer_at(group), t, tp, ctx, buffers))]
-        return [(*where(idx, r, k), v) for idx, ranks in per_idx for r, sd in enumerate(ranks) for k, v in sd.items()]
+            per_idx = [(group + 2, split_group(names.layer_at(group), t, tp, ctx,
+                                               buffers(spec, schema, tp, out_dtype, group)))]
+        out = [(*where(idx, r, k), v) for idx, ranks in per_idx for r, sd in enumerate(ranks) for k, v in sd.items()]
+        if layout == "pipeline":  # every spec index has its files, even without tensors (a
+            # non-parametric final norm): (file, None, None) plans a file and writes nothing into it
+            out += [(where(idx, r, "")[0], None, None) for idx, ranks in per_idx for r, sd in enumerate(ranks)
+                    if not sd]
+        return out
 
     def layout_file(rel: str, entries) -> OutFile:
         if layout == "pipeline":
@@ -159,7 +158,7 @@ def _model_states(module: dict | None, mp_world_size: int, iteration: int) -> di
     mp = stage*TP + tp, T2), the `sequential.*` tensors otherwise (TP files)."""
     return {
         "module": module,
-        "buffer_names": [k for k in (module or {}) if k.endswith("rotary_emb.inv_freq")],
+        "buffer_names": [k for k in (module or {}) if k.endswith(BUFFERS)],
         "optimizer": None,
         "lr_scheduler": None,
         "sparse_tensor_module_names": [],

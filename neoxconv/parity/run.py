@@ -144,6 +144,10 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
     vocab = min(side_a.real_vocab, side_b.real_vocab)
     notes: list[str] = []
     limit = _window_length(side_a, side_b, notes) if window_dropped else None
+    longest = min(s.spec.max_positions - s.spec.position_offset for s in (side_a, side_b))
+    if text is None and tokens > longest:  # a learned table / local block layout ends there
+        notes.append(f"compared on {longest} tokens, the longest sequence the models take (max positions)")
+        tokens = longest
     if limit is not None and text is None:
         tokens = min(tokens, limit)
     if text is not None:

@@ -5,7 +5,9 @@ check and the report) and its logits from the most independent forward for that 
   :class:`neoxconv.reference.NeoxCheckpoint`: the per-rank tensors exactly as stored, semantics
   from the checkpoint's own YAML, the QKV layout read by the reference itself. The converter's
   canonical map and its QKV reading are never used, so a converter bug cannot cancel out.
-* **HF**: :func:`neoxconv.reference.hf_logits`: transformers' own model, eager attention.
+* **HF**: :func:`neoxconv.reference.hf_logits`: transformers' own model, eager attention; a custom
+  export (model_type ``neox_custom``) runs its own ``modeling_neox.py`` through
+  ``trust_remote_code``, only when that code is byte for byte what this neoxconv writes.
 * **Meta**: :func:`neoxconv.reference.meta_reference_logits` on the memory-mapped shards.
 
 Every forward streams one layer group at a time (docs/parity.md, "Memory").
@@ -34,10 +36,13 @@ from neoxconv.reference.ranks import DistributedGroup, RankGroup
 
 __all__ = ["NUMERIC_FIELDS", "Side", "launched_by_torchrun", "open_side", "rank_group"]
 
-#: ModelSpec fields that change the numerics without changing any tensor shape.
+#: ModelSpec fields that change the numerics without changing any tensor shape (`local_layers`:
+#: global and flash layers compute the same, local ones do not).
 NUMERIC_FIELDS = ("norm", "norm_eps", "rotary_pct", "rotary_base", "activation", "parallel_residual",
-                  "sliding_window")
-_NORM_PREFIXES = ("input_layernorm.", "post_attention_layernorm.", "norm.")
+                  "sliding_window", "position", "position_offset", "position_multiplier", "qk_norm",
+                  "qk_norm_group", "local_layers", "local_block", "local_blocks", "parallel_norms_tied")
+# replicated on every rank: the norms and the learned position table
+_NORM_PREFIXES = ("input_layernorm.", "post_attention_layernorm.", "norm.", "position_embeddings.weight")
 _ROW_BIASES = ("attention.dense.bias", "mlp.linear2.bias", "mlp.dense_4h_to_h.bias")
 
 
@@ -89,7 +94,14 @@ class HFSide(Side):
     fmt = "hf"
 
     def logits(self, tokens, dtype, device, replicated):
-        return hf_logits(self.path, tokens, dtype, device).cpu()
+        custom = self.spec.family == "custom"
+        if custom:
+            from neoxconv.custom.export import TEMPLATE_FILES, is_neoxconv_code
+
+            if not is_neoxconv_code(self.path):
+                raise NeoxconvError(f"{self.path}: its {' / '.join(TEMPLATE_FILES)} differ from the code this neoxconv "
+                                    "writes; parity would have to run foreign code, so it is not run")
+        return hf_logits(self.path, tokens, dtype, device, trust_remote_code=custom).cpu()
 
 
 class MetaSide(Side):

@@ -52,15 +52,18 @@ def hf_model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def hf_logits(model_dir: str | os.PathLike, tokens: torch.Tensor, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", attn_implementation: str = "eager") -> torch.Tensor:
+              device: str | torch.device = "cpu", attn_implementation: str = "eager",
+              trust_remote_code: bool = False) -> torch.Tensor:
     """fp32 logits [b, s, vocab] of the HF model stored in ``model_dir``, computed in ``dtype`` on
-    ``device`` one layer group at a time (see the module docs)."""
+    ``device`` one layer group at a time (see the module docs). ``trust_remote_code``: the model
+    class comes from the directory's own code (``auto_map``; the caller decides it may run)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir, device = Path(model_dir), torch.device(device)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
     model.eval()
     for module in model.modules():  # buffers (rotary tables) are real: move them to the device
         for name, buf in module._buffers.items():

@@ -121,7 +121,8 @@ def forward(group: RankGroup, sem: NeoxSemantics, num_layers: int, tokens: torch
     return group.all_gather_cat(head_partials(run, normed, fetch(idx["head"])), dim=-1).float()
 
 
-_NORM_PREFIXES = ("input_layernorm.", "post_attention_layernorm.", "norm.")
+# replicated on every rank: the norms and the learned position table
+_NORM_PREFIXES = ("input_layernorm.", "post_attention_layernorm.", "norm.", "position_embeddings.weight")
 _ROW_BIASES = ("attention.dense.bias", "mlp.linear2.bias", "mlp.dense_4h_to_h.bias")
 
 

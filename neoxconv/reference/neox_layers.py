@@ -46,9 +46,23 @@ Semantics (section numbers refer to neox-formats.md):
 * **Logits**: final norm (own copy per rank), ``final_linear`` (or the tied word embeddings) per
   rank, gathered over the vocab: the full padded vocabulary [b, s, V_pad], returned in fp32.
 
-Deliberate deviation from NeoX: with ``gpt_j_residual`` and *no* MLP bias, current NeoX code
-(``transformer.py`` L1093-1113 @ ea7aefd8) sets ``output = mlp_output`` and drops the attention
-output; the reference implements the intended ``x + allreduce(attn + mlp)``.
+* **Norms** (docs/custom-export.md §3.2): LayerNorm (``weight``, ``bias``), RMSNorm (``scale``),
+  ScaleNorm (``g``: x / clamp(‖x‖, eps) · g), non-parametric LayerNorm (no tensors).
+* **Positions** (§3.1): rotary (above); ``learned``: ``position_embeddings.weight`` (each rank its
+  own copy) at position + ``opt_pos_emb_offset``, times ``mup_rp_embedding_mult``; ``sinusoidal``:
+  [sin, cos] of arange(s) ⊗ the stored ``inv_freq`` (in its dtype), times the multiplier; ``alibi``:
+  each rank adds -(i - j)·slope of its heads (the stored ``slopes`` buffer, as NeoX loads it) to the
+  scores of global/flash layers, not local ones; ``none``.
+* **QK-norm** (§3.3, §4): one module of shape [heads per rank, head dim] normalises q, then k
+  (repeated to the query heads first under GQA), before rotary; LayerNorm kinds over both dims
+  (the TP-dependent extent), RMSNorm over the head dim (both with ``rmsnorm_fusion``), ScaleNorm
+  over the head dim with the rank's one gain.
+* **Local layers**: DeepSpeed's block-sparse attention: a query sees the keys its block may attend
+  by the stored ``master_layout`` (or, without it, this block and ``num_local_blocks // 2`` before
+  it), causally and within the window; no ALiBi.
+
+NeoX's quirk is reproduced: with ``gpt_j_residual`` and *no* MLP bias, NeoX (``transformer.py``
+L1093-1113 @ ea7aefd8) sets ``output = mlp_output``: the attention output is dropped.
 """
 
 from __future__ import annotations
@@ -85,6 +99,9 @@ RankStates = list[dict[str, torch.Tensor]]
 
 #: keys that may appear in a stored layer but do not enter the forward
 IGNORED_SUFFIXES = ("attention.rotary_emb.inv_freq", "_extra_state")
+ALIBI_SLOPES = "attention.alibi_embed.slopes"
+LOCAL_LAYOUT = "attention.sparse_attn.master_layout"
+QK_NORM = "attention.qk_layernorm"
 
 
 @dataclass(frozen=True)
@@ -129,8 +146,8 @@ class Run:
     sem: NeoxSemantics
     dtype: torch.dtype
     head_dim: int
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor | None  #: rotary tables (None: not rotary)
+    sin: torch.Tensor | None
     mask: torch.Tensor  #: the mask of layers without their own entry in ``layer_masks``
     opts: ReferenceOptions
     layer_masks: tuple[torch.Tensor, ...] = ()  #: per layer (per-layer attention masks)
@@ -147,7 +164,9 @@ def make_run(group: RankGroup, sem: NeoxSemantics, seq_len: int, hidden: int, dt
     if sem.hidden_size is not None and sem.hidden_size != hidden:
         raise NeoxconvError(f"config hidden_size {sem.hidden_size} != embedding width {hidden}")
     head_dim = sem.head_dim(hidden)
-    cos, sin = ops.rotary_cos_sin(seq_len, sem.rotary_dims(head_dim), sem.rotary_base, dtype, group.device)
+    cos = sin = None
+    if sem.pos_emb == "rotary":
+        cos, sin = ops.rotary_cos_sin(seq_len, sem.rotary_dims(head_dim), sem.rotary_base, dtype, group.device)
     masks: dict[int | None, torch.Tensor] = {}
 
     def mask_of(window: int | None) -> torch.Tensor:
@@ -159,18 +178,39 @@ def make_run(group: RankGroup, sem: NeoxSemantics, seq_len: int, hidden: int, dt
     return Run(group, sem, dtype, head_dim, cos, sin, mask_of(sem.sliding_window), opts, layer_masks)
 
 
+def _norm_param(st: Mapping[str, torch.Tensor], prefix: str, name: str, kind: str) -> torch.Tensor:
+    t = st.get(f"{prefix}.{name}")
+    if t is None:
+        raise NeoxconvError(f"config says {kind} but '{prefix}.{name}' is missing (found: {_keys(st, prefix)})")
+    return t
+
+
 def norm(run: Run, x: torch.Tensor, st: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    scale = st.get(f"{prefix}.scale")
-    weight = st.get(f"{prefix}.weight")
-    if run.sem.norm == "rmsnorm":
-        if scale is None:
-            raise NeoxconvError(f"config says rmsnorm but '{prefix}.scale' is missing (found: {_keys(st, prefix)})")
+    kind, eps = run.sem.norm, run.sem.norm_eps
+    if kind == "rmsnorm":
+        scale = _norm_param(st, prefix, "scale", kind)
         if run.opts.rmsnorm_style == "legacy":
-            return ops.rms_norm_neox_legacy(x, scale, run.sem.norm_eps)
-        return ops.rms_norm_neox(x, scale, run.sem.norm_eps)
-    if weight is None:
-        raise NeoxconvError(f"config says layernorm but '{prefix}.weight' is missing (found: {_keys(st, prefix)})")
-    return ops.layer_norm(x, weight, st.get(f"{prefix}.bias"), run.sem.norm_eps)
+            return ops.rms_norm_neox_legacy(x, scale, eps)
+        return ops.rms_norm_neox(x, scale, eps)
+    if kind == "scalenorm":
+        return ops.scale_norm(x, _norm_param(st, prefix, "g", kind), eps)
+    if kind == "non_parametric_layernorm":
+        return ops.layer_norm(x, None, None, eps)
+    return ops.layer_norm(x, _norm_param(st, prefix, "weight", kind), st.get(f"{prefix}.bias"), eps)
+
+
+def qk_norm(run: Run, x: torch.Tensor, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """NeoX's QK-norm on one rank's heads x [b, np, s, d]: one module of shape [np, d] (§3.3, §4)."""
+    kind, eps = run.sem.norm, run.sem.norm_eps
+    y = x.transpose(1, 2)  # [b, s, np, d]: the module sees [..., np, d]
+    if kind in ("layernorm", "non_parametric_layernorm"):  # torch LayerNorm([np, d]): over both dims
+        weight = _norm_param(st, QK_NORM, "weight", kind) if kind == "layernorm" else None
+        y = ops.layer_norm(y, weight, st.get(f"{QK_NORM}.bias"), eps, dims=2)
+    elif kind == "rmsnorm":  # NeoX's RMSNorm: over the head dim; apex's fused one over both
+        y = ops.rms_norm_neox(y, _norm_param(st, QK_NORM, "scale", kind), eps, dims=2 if run.sem.qk_norm_fused else 1)
+    else:  # ScaleNorm: over the head dim, this rank's one gain
+        y = ops.scale_norm(y, _norm_param(st, QK_NORM, "g", kind), eps)
+    return y.transpose(1, 2)
 
 
 def _keys(st: Mapping[str, Any], prefix: str) -> list[str]:
@@ -207,18 +247,52 @@ def split_qkv(run: Run, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
+def _local_mask(run: Run, st: Mapping[str, torch.Tensor], mask: torch.Tensor, seq: int, heads: int) -> torch.Tensor:
+    """A local layer's mask [np, s, s]: ``mask`` within the blocks DeepSpeed's layout keeps (the
+    stored ``master_layout`` [np, nb, nb], or without it this block and blocks // 2 before it)."""
+    block, blocks = run.sem.local_block, -(-seq // run.sem.local_block)
+    layout = st.get(LOCAL_LAYOUT)
+    if layout is None:
+        i = torch.arange(blocks, device=mask.device)
+        one = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - run.sem.local_blocks // 2)
+        layout = one.expand(heads, blocks, blocks)
+    elif layout.shape[-1] < blocks:
+        raise NeoxconvError(f"local attention: {seq} tokens need {blocks} blocks of {block}, the stored layout has "
+                            f"{layout.shape[-1]} (NeoX's seq_length)")
+    return mask & ops.local_mask(seq, block, layout[:, :blocks, :blocks], mask.device)
+
+
+def _alibi(run: Run, st: Mapping[str, torch.Tensor], rank: int, heads: int, seq: int) -> torch.Tensor:
+    """This rank's ALiBi bias [np, s, s]: its stored slopes (what NeoX loads), else the formula's slice."""
+    slopes = st.get(ALIBI_SLOPES)
+    if slopes is None:
+        slopes = torch.tensor(ops.alibi_slopes(run.sem.num_heads), device=run.group.device)[
+            rank * heads:(rank + 1) * heads]
+    return ops.alibi_bias(seq, slopes, run.dtype)
+
+
 def attention_partial(run: Run, x: torch.Tensor, st: Mapping[str, torch.Tensor],
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, rank: int = 0, layer_type: str = "global") -> torch.Tensor:
     """One rank's attention: its QKV slice, its heads, its columns of ``attention.dense`` (no bias)."""
     qkv = F.linear(x, _req(st, "attention.query_key_value.weight"), st.get("attention.query_key_value.bias"))
     q, k, v = split_qkv(run, qkv)
-    q = ops.apply_rotate_half(q, run.cos, run.sin)
-    k = ops.apply_rotate_half(k, run.cos, run.sin)
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # local q head j uses local kv head j // groups (§4.2)
+    if groups > 1:  # local q head j uses local kv head j // groups (§4.2); NeoX repeats before the QK-norm
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    ctx = ops.attention(q, k, v, run.mask if mask is None else mask)  # [b, np, s, d]
+    if run.sem.qk_norm:
+        q, k = qk_norm(run, q, st), qk_norm(run, k, st)
+    if run.cos is not None:
+        q = ops.apply_rotate_half(q, run.cos, run.sin)
+        k = ops.apply_rotate_half(k, run.cos, run.sin)
+    mask = run.mask if mask is None else mask
+    seq, heads = q.shape[2], q.shape[1]
+    bias = None
+    if layer_type == "local":  # DeepSpeed's sparse path: the block layout, no ALiBi
+        mask = _local_mask(run, st, mask, seq, heads)
+    elif run.sem.pos_emb == "alibi":
+        bias = _alibi(run, st, rank, heads, seq)
+    ctx = ops.attention(q, k, v, mask, bias)  # [b, np, s, d]
     b, np_, s, d = ctx.shape
     ctx = ctx.transpose(1, 2).reshape(b, s, np_ * d)
     return F.linear(ctx, _req(st, "attention.dense.weight"))
@@ -243,7 +317,7 @@ def mlp_partial(
                 up, gate = h.chunk(2, dim=-1)
                 h = ops.activation_fn(GATED_ACTIVATIONS[sem.activation])(gate) * up
             else:
-                h = ops.activation_fn(sem.activation, sem.bias_gelu_fusion)(h)
+                h = ops.activation_fn(sem.activation, sem.bias_gelu_fusion, sem.onnx_safe)(h)
             return F.linear(h, _req(st, f"{w_out}.weight")), st.get(f"{w_out}.bias")
     if "mlp.w1.weight" in st:  # legacy LLaMAParallelMLP: w2(act(w1 x) * w3 x), no biases
         base = GATED_ACTIVATIONS.get(sem.activation, sem.activation)
@@ -266,34 +340,55 @@ def _with_bias(t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 
 def embed(run: Run, tokens: torch.Tensor, states: RankStates) -> list[torch.Tensor]:
     parts = []
+    sem = run.sem
     for r, st in zip(run.group.local_ranks, states):
-        if "position_embeddings.weight" in st:
-            raise UnsupportedNeoxFeature("learned position embeddings are not supported (rotary only)")
+        if ("position_embeddings.weight" in st) != (sem.pos_emb == "learned"):
+            has = "stores" if "position_embeddings.weight" in st else "lacks"
+            raise NeoxconvError(f"pos_emb is {sem.pos_emb!r}, but the embedding {has} position_embeddings.weight")
         w = _req(st, "word_embeddings.weight")
         rows = w.shape[0]
         local = tokens - r * rows
         inside = (local >= 0) & (local < rows)
         e = F.embedding(local.clamp(0, rows - 1), w) * inside.unsqueeze(-1).to(w.dtype)
         parts.append(e)
-    return run.group.all_reduce_sum(parts)
+    xs = run.group.all_reduce_sum(parts)
+    if sem.pos_emb not in ("learned", "sinusoidal"):
+        return xs
+    seq = tokens.shape[1]
+    out = []
+    for x, st in zip(xs, states):  # NeoX adds the (serial) position embedding after the all-reduce
+        if sem.pos_emb == "learned":
+            pos = torch.arange(seq, device=tokens.device) + sem.pos_offset
+            table = F.embedding(pos, st["position_embeddings.weight"])
+        else:
+            inv_freq = st.get("position_embeddings.inv_freq")
+            if inv_freq is None:
+                h = x.shape[-1]
+                inv_freq = (1.0 / (10000 ** (torch.arange(0, h, 2, device=x.device).float() / h))).to(run.dtype)
+            table = ops.sinusoidal_positions(seq, inv_freq)
+        out.append(x + table.mul_(sem.pos_mult))
+    return out
 
 
 def layer(run: Run, xs: list[torch.Tensor], states: RankStates, index: int | None = None) -> list[torch.Tensor]:
     """One transformer layer on every local rank; ``index`` (0-based) selects its attention mask."""
     g, sem = run.group, run.sem
     mask = run.mask_for(index)
+    kind = sem.layer_type(index) if index is not None else "global"
     n1 = [norm(run, x, st, "input_layernorm") for x, st in zip(xs, states)]
     if sem.gpt_j_residual:
         n2 = n1 if sem.gpt_j_tied else [norm(run, x, st, "post_attention_layernorm") for x, st in zip(xs, states)]
         a_in, m_in = g.copy_to_ranks(n1), g.copy_to_ranks(n2)
         parts = []
-        for a, m, st in zip(a_in, m_in, states):
-            attn = _with_bias(attention_partial(run, a, st, mask), st.get("attention.dense.bias"))
+        for r, a, m, st in zip(g.local_ranks, a_in, m_in, states):
+            attn = _with_bias(attention_partial(run, a, st, mask, r, kind), st.get("attention.dense.bias"))
             mlp, mlp_bias = mlp_partial(run, m, st)
-            parts.append(attn + _with_bias(mlp, mlp_bias))
+            # NeoX without an MLP bias returns the MLP output alone: the attention output is dropped
+            parts.append(mlp if mlp_bias is None else attn + (mlp + mlp_bias))
         return [x + y for x, y in zip(xs, g.all_reduce_sum(parts))]
     a_in = g.copy_to_ranks(n1)
-    attn = g.all_reduce_sum([attention_partial(run, a, st, mask) for a, st in zip(a_in, states)])
+    attn = g.all_reduce_sum([attention_partial(run, a, st, mask, r, kind)
+                             for r, a, st in zip(g.local_ranks, a_in, states)])
     hs = [x + _with_bias(y, st.get("attention.dense.bias")) for x, y, st in zip(xs, attn, states)]
     m_in = g.copy_to_ranks([norm(run, h, st, "post_attention_layernorm") for h, st in zip(hs, states)])
     mlp_out = [mlp_partial(run, m, st) for m, st in zip(m_in, states)]
@@ -315,7 +410,7 @@ def head_partials(run: Run, normed: list[torch.Tensor], states: RankStates) -> l
 
 def check_keys(states: RankStates, spec_idx: int) -> None:
     known_prefixes = ("input_layernorm.", "post_attention_layernorm.", "attention.query_key_value.",
-                      "attention.dense.", "mlp.")
+                      "attention.dense.", "mlp.", f"{QK_NORM}.", ALIBI_SLOPES, LOCAL_LAYOUT)
     for st in states:
         bad = [k for k in st if not k.startswith(known_prefixes) and not k.endswith(IGNORED_SUFFIXES)]
         if bad:

@@ -12,9 +12,13 @@ through the attention mask that ``megatron/training.py`` ``_get_batch`` builds
 through flash-attn's ``window_size=(W, -1)``: a query sees itself and W earlier keys on both
 (:attr:`NeoxSemantics.layer_windows`).
 
-Features that change the forward but that the reference does not implement (learned/ALiBi
-position embeddings, QK-norm, muP, MoE, scalenorm, ...) raise :class:`UnsupportedNeoxFeature`
-instead of being silently ignored.
+Every dense feature of NeoX's transformer is resolved here (docs/custom-export.md §3): the four
+norms (with the eps ``get_norm`` picks), every position embedding (``pos_emb``; absent: rotary, as
+0.1 read YAMLs without it), every activation and GELU variant, QK-norm, ``gpt_j_tied`` and per-layer
+``global``/``flash``/``local`` attention with DeepSpeed's local block layout. Features that change
+the forward but that the reference does not implement (T5 relative bias, muP, MoE, soft prompts,
+sparse layouts, non-attention layers) raise :class:`UnsupportedNeoxFeature` instead of being
+silently ignored.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ QKV_LAYOUTS = ("mha_interleaved", "gqa_blocked", "gqa_fakehead")
 #: ``transformer.py`` Gated_Activation; neox-formats.md §3, T7). Value = the base activation.
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu", "glu": "sigmoid", "bilinear": "identity"}
 PLAIN_ACTIVATIONS = ("gelu", "relu", "silu", "swish", "softsign", "mish")
+POSITIONS = ("rotary", "alibi", "learned", "sinusoidal", "none")
+#: norm -> the epsilon key NeoX's ``get_norm`` reads for it, and its default
+NORMS = {"layernorm": ("layernorm_epsilon", 1e-5), "te_layernorm": ("layernorm_epsilon", 1e-5),
+         "non_parametric_layernorm": ("layernorm_epsilon", 1e-5), "rmsnorm": ("rms_norm_epsilon", 1e-8),
+         "te_rmsnorm": ("rms_norm_epsilon", 1e-8), "scalenorm": ("scalenorm_epsilon", 1e-8)}
 
 
 class UnsupportedNeoxFeature(NeoxconvError):
@@ -72,7 +81,7 @@ class NeoxSemantics:
     hidden_size: int | None  #: None: take it from the embedding shape
     rotary_pct: float
     rotary_base: float
-    norm: str  #: "layernorm" | "rmsnorm"
+    norm: str  #: "layernorm" | "rmsnorm" | "non_parametric_layernorm" | "scalenorm"
     norm_eps: float
     gpt_j_residual: bool
     gpt_j_tied: bool
@@ -82,9 +91,21 @@ class NeoxSemantics:
     sliding_window: int | None
     qkv_layout: str  #: the layout NeoX's forward actually uses (see from_args)
     declared_qkv_layout: str
-    #: per layer: the sliding window NeoX applies (``sliding_window_width`` on "flash" layers,
-    #: None on "global" ones). Empty: every layer uses :attr:`sliding_window`.
+    #: per layer: the sliding window NeoX applies (``sliding_window_width`` on every layer type).
+    #: Empty: every layer uses :attr:`sliding_window`.
     layer_windows: tuple[int | None, ...] = ()
+    pos_emb: str = "rotary"  #: rotary | alibi | learned | sinusoidal | none
+    pos_offset: int = 0  #: ``opt_pos_emb_offset`` (learned)
+    pos_mult: float = 1.0  #: ``mup_rp_embedding_mult`` (learned, sinusoidal)
+    onnx_safe: bool = False  #: GELU as ``erf_gelu``
+    qk_norm: bool = False  #: ``use_qk_layernorm``
+    qk_norm_fused: bool = False  #: ``rmsnorm_fusion``: apex's RMSNorm, over [heads per rank, head dim]
+    layer_types: tuple[str, ...] = ()  #: per layer: global | flash | local (empty: all global)
+    local_block: int = 16  #: ``sparsity_config.block``
+    local_blocks: int = 4  #: ``sparsity_config.num_local_blocks`` (or ``num_sliding_window_blocks``)
+
+    def layer_type(self, layer: int) -> str:
+        return self.layer_types[layer] if self.layer_types else "global"
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of layer ``layer`` (0-based), None for full causal attention."""
@@ -148,12 +169,13 @@ class NeoxSemantics:
         _reject_unsupported(a)
 
         norm = str(a.get("norm", "layernorm"))
-        if norm in ("layernorm", "te_layernorm"):
-            norm, eps = "layernorm", _as_float(a.get("layernorm_epsilon", 1e-5))
-        elif norm in ("rmsnorm", "te_rmsnorm"):
-            norm, eps = "rmsnorm", _as_float(a.get("rms_norm_epsilon", 1e-8))
-        else:
+        if norm not in NORMS:
             raise UnsupportedNeoxFeature(f"norm {norm!r} is not supported by the reference forward")
+        eps = _as_float(a.get(NORMS[norm][0], NORMS[norm][1]))
+        norm = norm.removeprefix("te_")
+        pos_emb = str(a.get("pos_emb") or "rotary")
+        if pos_emb not in POSITIONS:
+            raise UnsupportedNeoxFeature(f"pos_emb {pos_emb!r} is not supported by the reference forward")
 
         activation = str(a.get("activation", "gelu"))
         if activation not in GATED_ACTIVATIONS and activation not in PLAIN_ACTIVATIONS:
@@ -167,11 +189,14 @@ class NeoxSemantics:
         layers = num_layers if num_layers is not None else a.get("num_layers")
         types = attention_types(a.get("attention_config"), None if layers is None else int(layers))
         # NeoX trains global layers with the window in the attention mask (megatron/utils.py
-        # get_attn_mask: triu(diagonal=-W)) and flash layers with window_size=(W, -1): the same
-        # W + 1 keys on every layer type the reference implements.
-        layer_windows = tuple(sw if t in SUPPORTED_ATTENTION else None for t in types)
+        # get_attn_mask: triu(diagonal=-W)), flash layers with window_size=(W, -1) and local layers
+        # with that mask added in the sparse softmax: the same W + 1 keys on every layer type.
+        layer_windows = tuple(sw for _ in types)
         if not any(w is not None for w in layer_windows):
             sw = None
+        sparsity = a.get("sparsity_config") or {}
+        if "local" in types and kv != n:
+            raise NeoxconvError("local (sparse) attention with grouped-query attention: NeoX refuses it")
         hidden = a.get("hidden_size")
         return cls(
             num_heads=n,
@@ -190,6 +215,15 @@ class NeoxSemantics:
             qkv_layout=layout,
             declared_qkv_layout=qkv_layout,
             layer_windows=layer_windows if sw is not None else (),
+            pos_emb=pos_emb,
+            pos_offset=int(a.get("opt_pos_emb_offset") or 0),
+            pos_mult=_as_float(a.get("mup_rp_embedding_mult", 1.0)),
+            onnx_safe=_as_bool(a.get("onnx_safe", False)),
+            qk_norm=_as_bool(a.get("use_qk_layernorm", False)),
+            qk_norm_fused=_as_bool(a.get("rmsnorm_fusion", False)),
+            layer_types=types,
+            local_block=int(sparsity.get("block", 16)),
+            local_blocks=int(sparsity.get("num_local_blocks", sparsity.get("num_sliding_window_blocks", 4))),
         )
 
     def validate_tp(self, tp: int) -> None:
@@ -205,15 +239,15 @@ class NeoxSemantics:
 
 
 #: attention types the reference implements (NeoX ``attention_config`` entries)
-SUPPORTED_ATTENTION = ("global", "flash")
+SUPPORTED_ATTENTION = ("global", "flash", "local")
 
 
 def attention_types(config: Any, num_layers: int | None) -> tuple[str, ...]:
     """NeoX ``attention_config`` -> one attention type per layer, as NeoX's
     ``megatron/utils.py::expand_attention_types`` expands it (``[[["flash"], 2]]``,
     ``[[["global", "flash"], "all"]]`` or an already expanded list of strings). None/empty:
-    NeoX's default, ``"global"`` for every layer. Types other than global/flash (sparse, local,
-    gmlp, mamba, rwkv, ...) raise :class:`UnsupportedNeoxFeature`."""
+    NeoX's default, ``"global"`` for every layer. Types other than global/flash/local (sparse
+    layouts, gmlp, mamba, rwkv, ...) raise :class:`UnsupportedNeoxFeature`."""
     if config in (None, "", []):
         if num_layers is None:
             return ()
@@ -254,11 +288,7 @@ def attention_types(config: Any, num_layers: int | None) -> tuple[str, ...]:
 
 
 def _reject_unsupported(a: Mapping[str, Any]) -> None:
-    pos_emb = a.get("pos_emb")
-    if pos_emb is not None and pos_emb != "rotary":
-        raise UnsupportedNeoxFeature(f"pos_emb {pos_emb!r}: only rotary is supported")
     for key, what in (
-        ("use_qk_layernorm", "QK layernorm"),
         ("use_mup", "muP attention scaling"),
         ("soft_prompt_tuning", "soft prompt tuning (shifts layer indices)"),
     ):
@@ -269,6 +299,3 @@ def _reject_unsupported(a: Mapping[str, Any]) -> None:
             raise UnsupportedNeoxFeature(f"{what} is not supported by the reference forward")
     if int(a.get("moe_num_experts", 1) or 1) > 1:
         raise UnsupportedNeoxFeature("MoE layers are not supported by the reference forward")
-    if _as_bool(a.get("onnx_safe", False)):
-        # erf_gelu uses x / 1.41421 (not exact sqrt 2): a different GELU; refuse rather than guess.
-        raise UnsupportedNeoxFeature("onnx_safe GELU is not supported")
