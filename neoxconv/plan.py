@@ -2,10 +2,11 @@
 contents, and one job per layer group.
 
 A writer describes its output as `outputs(group, tensors)`: the (file, key, tensor) triples one
-group of canonical tensors becomes ((file, None, None): the file exists, holding no tensor), computed by the writer's own conversion code. Run on the
-shape-only tensors of `TensorMap.shapes` (neoxconv.lazy) it plans: every file's entries in order,
-hence every byte offset, the bytes each job writes and how many of them are copied from a source
-(Lazy rows) or computed (a real tensor: a row-parallel merge, a cast, a mean). Run on
+group of canonical tensors becomes ((file, None, None): the file exists, holding no tensor),
+computed by the writer's own conversion code. Run on the shape-only tensors of
+`TensorMap.shapes` (neoxconv.lazy) it plans: every file's entries in order, hence every byte
+offset, the bytes each job writes and how many of them are copied from a source (Lazy rows) or
+computed (a real tensor: a row-parallel merge, a cast, a mean). Run on
 `TensorMap.lazy_group` by neoxconv.pipeline it writes. Nothing else decides what goes where, so
 the plan and the written files cannot disagree, and `--dry-run` is the plan printed.
 """
