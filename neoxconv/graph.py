@@ -54,7 +54,24 @@ def read(path: Path, *, fmt: str | None = None, config_files: list[Path] | None 
     raise NeoxconvError(f"unknown source format {fmt!r}")
 
 
-def write(ckpt: Checkpoint, fmt: str, out: Path, progress: Callable[[str], None] | None = None, **opts) -> dict:
+def plan(ckpt: Checkpoint, fmt: str, **opts):
+    """The write plan (neoxconv.plan) of `ckpt` in format `fmt`, from shapes alone."""
+    if fmt == "neox":
+        from neoxconv.formats.neox_write import plan_neox
+
+        return plan_neox(ckpt, **opts)
+    if fmt == "hf":
+        from neoxconv.formats.hf import plan_hf
+
+        return plan_hf(ckpt, **opts)
+    if fmt == "meta":
+        from neoxconv.formats.meta_llama import plan_meta
+
+        return plan_meta(ckpt, **opts)
+    raise NeoxconvError(f"unknown target format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def write(ckpt: Checkpoint, fmt: str, out: Path, progress: Callable[[int], None] | None = None, **opts) -> dict:
     if fmt == "neox":
         from neoxconv.formats.neox import write_neox
 

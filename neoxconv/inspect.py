@@ -12,10 +12,11 @@ from rich.table import Table
 
 def describe(path: Path, config_files: list[Path] | None = None) -> dict:
     from neoxconv import graph
-    from neoxconv.convert import source_warnings
+    from neoxconv.convert import scan_source, source_warnings
 
     fmt = graph.detect(path)
     ckpt = graph.read(path, fmt=fmt, config_files=config_files)
+    scan_source(ckpt)  # norm copies' drift (NeoX); NaN/Inf with --check-finite
     spec, info = ckpt.spec, ckpt.info
     tensors = [{"name": n, "shape": list(ckpt.tensors[n].shape), "dtype": str(ckpt.tensors[n].dtype).removeprefix("torch.")}
                for n in ckpt.tensors]

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -157,32 +158,43 @@ def parse_size(text: str) -> int:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool = False, tmp: Path | None = None,
+                      keep_on_error: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out` in one rename.
 
     On any error the temporary directory is removed, so a failed run never leaves something
-    that looks like a finished output. An existing `out` is refused unless `force`.
+    that looks like a finished output. An existing `out` is refused unless `force`. `tmp`: an
+    earlier run's temporary directory to write into again, and `keep_on_error`: leave it for the
+    next try (both for --resume, neoxconv.resume); it is hidden and never looks finished.
     """
     out = Path(out)
     if out.exists() and not force:
         raise NeoxconvError(f"{out}: output already exists (pass --force to replace it)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as e:
-        raise NeoxconvError(f"{out.parent}: cannot create the output here ({e.strerror or e})") from None
+    if tmp is None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        except OSError as e:
+            raise NeoxconvError(f"{out.parent}: cannot create the output here ({e.strerror or e})") from None
+
+    def cleanup() -> str:
+        if keep_on_error:
+            return f" (finished files kept in {tmp} for --resume)"
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ""
+
     try:
         yield tmp
     except OSError as e:  # a full or read-only disk, a write the OS refused: one line, no partial output
-        shutil.rmtree(tmp, ignore_errors=True)
+        kept = cleanup()
         name = str(e.filename or "")
         if name and not name.startswith(str(tmp)):  # an input the OS refused to read
-            raise NeoxconvError(f"{name}: {e.strerror or e}; nothing was written to {out}") from e
+            raise NeoxconvError(f"{name}: {e.strerror or e}; nothing was written to {out}{kept}") from e
         where = name.replace(str(tmp), str(out)) or str(out)
         raise NeoxconvError(f"{where}: cannot write the output ({e.strerror or e}); nothing was written "
-                            f"to {out}") from e
+                            f"to {out}{kept}") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        cleanup()
         raise
     old = None
     if out.exists():
@@ -216,49 +228,129 @@ _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", t
 
 
 class SafetensorsStreamWriter:
-    """Write one safetensors file tensor by tensor, in any order, holding none of it in memory.
+    """Write one safetensors file tensor by tensor, in any order and from any thread, holding
+    none of it in memory.
 
     The safetensors library only writes whole dicts, which would hold a full shard (GBs) in
     memory. The format is simple (8-byte little-endian header length, JSON header with each
     tensor's dtype/shape/byte range, raw little-endian data), and every shape is known from the
-    conversion plan, so the header goes first and each tensor is written at its offset.
+    conversion plan, so the header goes first and each tensor is written at its offset
+    (positional writes). `write` takes a tensor or its bytes as a list of parts: bytes-like
+    objects and `ptio.FileRange`s, which are copied file to file (copy_file_range).
+    `on_write(offset, nbytes)` follows every write (neoxconv.pipeline hashes files as they grow).
     Files are read back with the safetensors library in the tests.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
-        header: dict = {"__metadata__": metadata} if metadata else {}
-        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
-        offset = 0
-        for name, dtype, shape in entries:
-            n = dtype.itemsize
-            for s in shape:
-                n *= s
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self._slots[name] = (offset, n, dtype, tuple(shape))
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-        self._base = 8 + len(raw)
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._f.write(len(raw).to_bytes(8, "little") + raw)
-        self._f.truncate(self._base + offset)
+                 metadata: dict[str, str] | None = None, on_write=None):
+        self.path = Path(path)
+        head, self._slots, self.nbytes = _safetensors_layout(entries, metadata)
+        self._base = len(head)
+        self._on_write = on_write
+        self._lock = threading.Lock()
         self._pending = set(self._slots)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._pwrite(head, 0)
+            self._io(os.ftruncate, self._fd, self.nbytes)
+        except BaseException:
+            self.abort()
+            raise
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    @staticmethod
+    def size_of(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> int:
+        """The finished file's size (planning)."""
+        return _safetensors_layout(entries, metadata)[2]
+
+    def write(self, name: str, data) -> None:
+        """One tensor: a torch.Tensor of its planned dtype and shape, or its bytes as a list of
+        parts (bytes-like objects and ptio.FileRanges, concatenated)."""
+        from neoxconv.ptio import FileRange
+        from neoxconv.ptio.ranges import copy_range
+
         offset, n, dtype, shape = self._slots[name]
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"{name}: planned {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._f.seek(self._base + offset)
-        self._f.write(memoryview(data))
-        self._pending.discard(name)
+        if isinstance(data, torch.Tensor):
+            if data.dtype != dtype or tuple(data.shape) != shape:
+                raise ValueError(f"{name}: planned {dtype} {shape}, got {data.dtype} {tuple(data.shape)}")
+            data = [tensor_bytes(data)]
+        sizes = [p.nbytes if isinstance(p, FileRange) else memoryview(p).nbytes for p in data]
+        if sum(sizes) != n:
+            raise ValueError(f"{name}: planned {n} bytes, got {sum(sizes)}")
+        at = self._base + offset
+        for part, size in zip(data, sizes, strict=True):
+            if isinstance(part, FileRange):
+                fd = os.open(part.path, os.O_RDONLY)
+                try:
+                    self._io(copy_range, fd, part.offset, self._fd, at, size)
+                finally:
+                    os.close(fd)
+                self._wrote(at, size)
+            else:
+                self._pwrite(part, at)
+            at += size
+        with self._lock:
+            self._pending.discard(name)
 
     @property
     def complete(self) -> bool:
         return not self._pending
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if self._pending:
             raise ValueError(f"safetensors file closed with unwritten tensors: {sorted(self._pending)[:3]}")
+
+    def abort(self) -> None:
+        """Close and remove the unfinished file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+    def _pwrite(self, data, offset: int) -> None:
+        from neoxconv.ptio.ranges import pwrite_all
+
+        self._io(pwrite_all, self._fd, data, offset)
+        self._wrote(offset, memoryview(data).nbytes)
+
+    def _wrote(self, offset: int, nbytes: int) -> None:
+        if self._on_write is not None and nbytes:
+            self._on_write(offset, nbytes)
+
+    def _io(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.filename is None:  # pwrite names no file: the user needs to know which
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            raise
+
+
+def _safetensors_layout(entries, metadata) -> tuple[bytes, dict, int]:
+    """(8-byte length + JSON header, name -> (offset, nbytes, dtype, shape), file size)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+    offset = 0
+    for name, dtype, shape in entries:
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        slots[name] = (offset, n, dtype, tuple(shape))
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    head = len(raw).to_bytes(8, "little") + raw
+    return head, slots, len(head) + offset
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor in row-major order (one copy only if it is not contiguous)."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")

@@ -1,7 +1,8 @@
 """`neoxconv-manifest.json`: the size and sha256 of every file neoxconv wrote.
 
 Written at the root of every conversion's output (the NeoX save dir with `latest`, the HF or
-Meta directory) as the last step before the output is renamed into place; read by `neoxconv
+Meta directory) as the last step before the output is renamed into place (weights files are
+hashed while they are written, by neoxconv.pipeline; the rest here); read by `neoxconv
 verify` (every listed file present, same size, same hash) and shown by `neoxconv inspect`.
 
     {"format": "neoxconv-manifest", "version": 1, "neoxconv": "<version>",
@@ -22,7 +23,7 @@ from neoxconv.errors import DamagedInput
 NAME = "neoxconv-manifest.json"
 FORMAT = "neoxconv-manifest"
 VERSION = 1
-_BLOCK = 1 << 22
+_BLOCK = 1 << 20
 
 
 def sha256(path: Path) -> str:
@@ -34,15 +35,22 @@ def sha256(path: Path) -> str:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != NAME)
+    from neoxconv.resume import JOURNAL
+
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in (NAME, JOURNAL))
 
 
-def write_manifest(root: Path) -> dict:
-    """Hash every file under `root` (a finished output) into root/neoxconv-manifest.json."""
+def write_manifest(root: Path, known: dict[str, tuple[int, str]] | None = None) -> dict:
+    """Hash every file under `root` (a finished output) into root/neoxconv-manifest.json.
+    `known`: (size, sha256) of files already hashed as they were written (neoxconv.pipeline);
+    only the others are read."""
     from neoxconv import __version__
 
-    root = Path(root)
-    files = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)} for p in _files(root)}
+    root, known = Path(root), known or {}
+    files = {}
+    for p in _files(root):
+        rel, size = p.relative_to(root).as_posix(), p.stat().st_size
+        files[rel] = {"size": size, "sha256": known[rel][1] if known.get(rel, (None,))[0] == size else sha256(p)}
     manifest = {"format": FORMAT, "version": VERSION, "neoxconv": __version__, "files": files}
     (root / NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -12,7 +12,12 @@ Canonical names (rotate-half rotary, unfused, unsharded; design.md):
     lm_head.weight                              absent when tied
 
 A group is "embed", a layer index, or "final". Shapes and dtypes are known without reading
-tensor data: readers compute them by running their own conversion on `meta` tensors.
+tensor data: readers compute them by running their own conversion on shape-only tensors
+(neoxconv.lazy) built from the file headers.
+
+Loaders may return `Lazy` tensors (rows of mapped source files, see neoxconv.lazy):
+`lazy_group` hands them to writers as they are, so bytes that do not change are copied file to
+file; `load_group` materializes them for everyone else.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from neoxconv.lazy import Lazy
 
 Group = str | int
 GroupLoader = Callable[[Group], dict[str, torch.Tensor]]
@@ -63,6 +70,8 @@ class TensorMap:
             for group in self._groups for name, t in metas[group].items()
         }
         self._names = {g: list(metas[g]) for g in self._groups}
+        # Tensors the reader computes (a row-parallel merge, a mean): planning treats them so.
+        self._computed = {name for group in self._groups for name, t in metas[group].items() if not isinstance(t, Lazy)}
         self._loader = loader
         self._cached: tuple[Group, dict[str, torch.Tensor]] | None = None
 
@@ -89,13 +98,29 @@ class TensorMap:
         return {n: torch.empty(self._entries[n].shape, dtype=self._entries[n].dtype, device="meta")
                 for n in self._names[group]}
 
+    def shapes(self, group: Group) -> dict[str, Lazy]:
+        """Shape-only Lazy tensors of a group: a writer's own conversion code runs on them to plan
+        its files (rows stay rows; what the reader or the writer computes comes out as a real
+        tensor without data, see Lazy.materialize)."""
+        out = {}
+        for n in self._names[group]:
+            t = Lazy.shape_only(self._entries[n].shape, self._entries[n].dtype)
+            out[n] = t.materialize() if n in self._computed else t
+        return out
+
+    def lazy_group(self, group: Group) -> dict:
+        """A group as the loader returns it (Lazy tensors where it can), uncached: safe to call
+        from several threads at once."""
+        loaded = self._loader(group)
+        missing = set(self._names[group]) - set(loaded)
+        if missing:
+            raise KeyError(f"loader for group {group!r} did not return {sorted(missing)}")
+        return {n: loaded[n] for n in self._names[group]}
+
     def load_group(self, group: Group) -> dict[str, torch.Tensor]:
         if self._cached is None or self._cached[0] != group:
-            loaded = self._loader(group)
-            missing = set(self._names[group]) - set(loaded)
-            if missing:
-                raise KeyError(f"loader for group {group!r} did not return {sorted(missing)}")
-            self._cached = (group, {n: loaded[n] for n in self._names[group]})
+            loaded = self.lazy_group(group)
+            self._cached = (group, {n: t.materialize() if isinstance(t, Lazy) else t for n, t in loaded.items()})
         return self._cached[1]
 
     def release(self) -> None:
@@ -113,7 +138,7 @@ class TensorMap:
 
     def map(self, fn: Callable[[Group, dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> "TensorMap":
         """A new map whose groups are `fn(group, tensors)`; shapes come from running fn on metas."""
-        metas = {g: fn(g, self.metas(g)) for g in self._groups}
+        metas = {g: fn(g, self.shapes(g)) for g in self._groups}
         return TensorMap(metas, lambda g: fn(g, self.load_group(g)))
 
     @classmethod

@@ -110,14 +110,15 @@ def _check_contents(path: Path, config_files, report: VerifyReport) -> None:
                 raise DamagedInput(f"{f}: does not parse as JSON ({e})") from None
     ckpt = graph.read(path, fmt=fmt, config_files=config_files)  # the readers check shapes against the spec
     report.tensors = len(list(ckpt.tensors))
+    from neoxconv.convert import scan_source, source_warnings
+
+    scan_source(ckpt)  # every tensor's data: NaN/Inf (and NeoX drift); reading took headers only
     if fmt != "neox":
         return
     nf = ckpt.info["files"]
     if nf.layout == "pipeline":  # DeepSpeed's model-states files hold no weights here, but must load
         for f in sorted(nf.tag_dir.glob("mp_rank_*_model_states.pt")):
             load_pickle(f)
-    from neoxconv.convert import source_warnings
-
     report.notes += source_warnings(ckpt)  # drifted norm copies, a window training may have skipped
 
 

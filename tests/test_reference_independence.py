@@ -1,6 +1,8 @@
 """The proof is independent of the converter: ``neoxconv/reference/`` imports nothing of neoxconv
-but errors, io (safe pickle loading) and the NeoX file storage (formats/neox_files.py and the
-YAML reading it uses), directly or through those modules, at module level or inside functions.
+but errors, io (safe pickle loading) and the NeoX file storage (formats/neox_files.py, the
+YAML reading it uses, and ptio, the byte-level torch-file reader it indexes files with; ptio is
+checked against torch.load itself in tests/test_ptio.py), directly or through those modules, at
+module level or inside functions.
 
 The imports are read from the source (ast), so a lazy import inside a function counts too.
 """
@@ -15,7 +17,8 @@ import neoxconv
 ROOT = Path(neoxconv.__file__).parent
 #: what the reference may import; each of these may only import modules of this set in turn
 ALLOWED = {"neoxconv", "neoxconv.errors", "neoxconv.io", "neoxconv.formats", "neoxconv.formats.neox_files",
-           "neoxconv.formats.neox_args"}
+           "neoxconv.formats.neox_args", "neoxconv.ptio", "neoxconv.ptio.index", "neoxconv.ptio.ranges",
+           "neoxconv.ptio.safetensors_index", "neoxconv.ptio.writer", "neoxconv.ptio.zipformat"}
 
 
 def module_file(name: str) -> Path | None:

@@ -9,34 +9,33 @@ import typer
 
 from neoxconv.choices import Family, MetaStyle, NeoxLayout, NeoxSchema, OutDtype, QkvLayout, Target, value_of
 from neoxconv.cli.app import app, console
-from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DropWindowOpt, DtypeOpt, EosTokenOpt, FiniteOpt,
-                                  ForceOpt, LayoutOpt, MaxShardOpt, PpOpt, QkvOpt, SchemaOpt, TokenizerOpt, TpOpt,
-                                  TrimOpt, TrustOpt, VerifyOpt, VocabMultipleOpt, family_of)
+from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DropWindowOpt, DryRunOpt, DtypeOpt,
+                                  EosTokenOpt, FiniteOpt, ForceOpt, JsonOpt, LayoutOpt, MaxShardOpt, PpOpt, QkvOpt,
+                                  ResumeOpt, SchemaOpt, TokenizerOpt, TpOpt, TrimOpt, TrustOpt, VerifyOpt,
+                                  VocabMultipleOpt, WorkersOpt, family_of)
 
 
-def _progress(total: int, what: str):
-    """A rich progress bar advanced once per layer group."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _progress(total: int, what: str, quiet: bool):
+    """A rich progress bar over the bytes to write, with their speed and the time left (off with
+    --json and when stderr is not a terminal)."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
 
-    prog = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+    prog = Progress(TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=quiet or not console.is_terminal)
     task = prog.add_task("", total=total)
-
-    def step(label: str) -> None:
-        prog.update(task, advance=1, description=label)
-
-    return prog, step
+    return prog, lambda n: prog.update(task, advance=n)
 
 
 def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False,
-                    check_finite: bool = False, **kw) -> dict:
+                    check_finite: bool = False, as_json: bool = False, **kw) -> dict:
     from neoxconv.convert import convert
     from neoxconv.io import set_check_finite, set_trust_pickle
 
     set_trust_pickle(trust_pickle)
     set_check_finite(check_finite)
     holder: dict = {}
-    if verify:  # parity of the finished temp dir against the source, before it lands at OUT
+    if verify and not kw.get("dry_run"):  # parity of the finished temp dir against the source, before it lands at OUT
         from neoxconv.parity import verifier
 
         check = verifier(src, out, to=to, config_files=kw.get("config_files"), family=kw.get("family"),
@@ -50,12 +49,14 @@ def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: b
 
         kw["after_write"] = after_write
 
-    def on_read(ckpt) -> None:
-        holder["prog"], holder["step"] = _progress(len(ckpt.tensors.groups()), f"{ckpt.info['format']} → {to}")
+    def on_plan(plan, done) -> None:
+        total = sum(f.nbytes for rel, f in plan.files.items() if rel not in done)
+        holder["prog"], holder["step"] = _progress(total, f"{holder['format']} → {to}", as_json)
         holder["prog"].start()
 
     try:
-        result = convert(src, out, to=to, on_read=on_read, progress=lambda s: holder["step"](s), **kw)
+        result = convert(src, out, to=to, on_read=lambda ckpt: holder.update(format=ckpt.info["format"]),
+                         on_plan=on_plan, progress=lambda n: holder["step"](n), **kw)
     finally:
         if "prog" in holder:
             holder["prog"].stop()
@@ -65,10 +66,48 @@ def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: b
 
         console.print(f"[yellow]{escape(text)}[/yellow]", highlight=False, soft_wrap=True)
     spec = result["spec"]
-    src_ckpt = result["source"]
+    params = result["source"].tensors.num_params()
+    if result.get("dry_run"):
+        _show_plan(result["plan"], out, to, as_json)
+        return result
+    if as_json:
+        import json
+
+        print(json.dumps({"out": str(out), "format": to, "family": spec.family, "layers": spec.layers,
+                          "parameters": params, "dtype": spec.dtype, "resumed_files": result["resumed_files"]}))
+        return result
+    kept = f", {result['resumed_files']} finished file(s) kept from the earlier run" if result["resumed_files"] else ""
     console.print(f"[green]wrote[/green] {out}  ({to}, {spec.family}, {spec.layers} layers, "
-                  f"{src_ckpt.tensors.num_params() / 1e6:.2f}M params, {spec.dtype})")
+                  f"{params / 1e6:.2f}M params, {spec.dtype}{kept})")
     return result
+
+
+def _show_plan(plan: dict, out: Path, to: str, as_json: bool) -> None:
+    """--dry-run: the weights files a run would write, from the source's headers."""
+    from neoxconv.cli.app import out_console
+
+    if as_json:
+        import json
+
+        print(json.dumps({"out": str(out), "format": to, **plan}, indent=2))
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"dry run: {escape(str(out))} ({to}); nothing written", title_justify="left")
+    table.add_column("file")
+    table.add_column("tensors", justify="right")
+    table.add_column("bytes", justify="right")
+    for f in plan["files"]:
+        table.add_row(escape(f["path"]), str(f["tensors"]), f"{f['bytes']:,}")
+    out_console.print(table)
+    from rich.filesize import decimal as size
+
+    out_console.print(f"{len(plan['files'])} weights file(s), {plan['tensors']} tensors, {size(plan['bytes'])} "
+                      f"({size(plan['bytes_copied'])} copied from the source, "
+                      f"{size(plan['bytes_computed'])} computed); "
+                      f"predicted peak memory {size(plan['peak_memory_bytes'])} with {plan['workers']} worker(s); "
+                      "configs, tokenizer and manifest besides")
 
 
 @app.command("neox-to-hf")
@@ -96,6 +135,10 @@ def neox_to_hf(
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
     check_finite: FiniteOpt = False,
+    workers: WorkersOpt = None,
+    dry_run: DryRunOpt = False,
+    resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export a GPT-NeoX checkpoint (pipeline or sequential layout, any TP/PP) to Hugging Face."""
     from neoxconv.io import parse_size
@@ -105,8 +148,9 @@ def neox_to_hf(
                     max_shard_size=parse_size(max_shard_size),
                     trim_vocab_padding=trim_vocab_padding, tokenizer=tokenizer, chat_template=chat_template,
                     eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
-                    drop_sliding_window=drop_sliding_window)
-    if push_to_hub:
+                    drop_sliding_window=drop_sliding_window,
+                    workers=workers, dry_run=dry_run, resume=resume, as_json=as_json)
+    if push_to_hub and not dry_run:
         from neoxconv.hub import upload_command
 
         upload_command(out, push_to_hub, revision=revision, private=private, console=console)
@@ -133,13 +177,18 @@ def hf_to_neox(
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
     check_finite: FiniteOpt = False,
+    workers: WorkersOpt = None,
+    dry_run: DryRunOpt = False,
+    resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Import a Hugging Face model into a GPT-NeoX checkpoint at any TP/PP (the tokenizer is copied beside it)."""
     _run_conversion(hf_dir, out, "neox", trust_pickle, src_format="hf", family=family_of(arch),
                     qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tp=tp, pp=pp, layout=layout.value,
                     schema=neox_schema.value,
                     vocab_multiple=vocab_multiple, tokenizer=tokenizer, chat_template=chat_template,
-                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
+                    workers=workers, dry_run=dry_run, resume=resume, as_json=as_json)
 
 
 @app.command("llama-to-neox")
@@ -162,13 +211,18 @@ def llama_to_neox(
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
     check_finite: FiniteOpt = False,
+    workers: WorkersOpt = None,
+    dry_run: DryRunOpt = False,
+    resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Import a raw Meta Llama checkpoint (Llama 1/2/3, MHA or GQA) into a GPT-NeoX checkpoint."""
     _run_conversion(meta_dir, out, "neox", trust_pickle, src_format="meta", qkv_layout=value_of(qkv_layout), force=force,
                     dtype=dtype.value, tp=tp, pp=pp, layout=layout.value, schema=neox_schema.value,
                     vocab_multiple=vocab_multiple,
                     tokenizer=tokenizer, chat_template=chat_template,
-                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite)
+                    eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
+                    workers=workers, dry_run=dry_run, resume=resume, as_json=as_json)
 
 
 @app.command("convert")
@@ -203,6 +257,10 @@ def convert_cmd(
     trust_pickle: TrustOpt = False,
     verify: VerifyOpt = False,
     check_finite: FiniteOpt = False,
+    workers: WorkersOpt = None,
+    dry_run: DryRunOpt = False,
+    resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Convert any supported checkpoint to any target, including NeoX → NeoX resharding."""
     from neoxconv.io import parse_size
@@ -218,4 +276,5 @@ def convert_cmd(
     _run_conversion(src, out, to.value, trust_pickle, config_files=config, family=family_of(arch),
                     qkv_layout=value_of(qkv_layout), force=force, dtype=dtype.value, tokenizer=tokenizer, chat_template=chat_template,
                     eos_tokens=eos_token or [], verify=verify, check_finite=check_finite,
-                    drop_sliding_window=drop_sliding_window, **opts)
+                    drop_sliding_window=drop_sliding_window,
+                    workers=workers, dry_run=dry_run, resume=resume, as_json=as_json, **opts)

@@ -31,8 +31,8 @@ EosTokenOpt = Annotated[Optional[list[str]], typer.Option(
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Load pickled inputs with full unpickling (can run code: only for files you trust).")]
 FiniteOpt = Annotated[bool, typer.Option(
-    "--check-finite", help="Scan every tensor of the input for NaN/Inf before writing (reads all data once more); "
-                           "one is an error naming tensor, rank and file.")]
+    "--check-finite", help="Scan every tensor of the input for NaN/Inf as it is read (on the data the conversion "
+                           "copies); one is an error naming tensor, rank and file, and nothing is written to OUT.")]
 VerifyOpt = Annotated[bool, typer.Option(
     "--verify", help="After writing, check logit parity of OUT against the source (fp32); on failure exit 1 and "
                      "move the output to OUT.parity-failed/ (report inside). See docs/parity.md.")]
@@ -57,6 +57,21 @@ VocabMultipleOpt = Annotated[int, typer.Option(
 MaxShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")]
 TrimOpt = Annotated[bool, typer.Option(
     "--trim-vocab-padding", help="Drop padded embedding rows beyond the real vocabulary.")]
+
+
+# Shared by every conversion command (how the output is written, not what it holds).
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=1, help="Threads that read, convert and write at once (default: the CPU count, at most 4). "
+                             "The output is byte-identical for any value.")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Print the plan from the files' headers (output files, tensors, bytes copied and computed, "
+                      "predicted peak memory) and write nothing.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue an interrupted or failed run of the same conversion: finished files whose hashes "
+                     "still match are kept, the rest is written (the result is byte-identical). A failed --resume "
+                     "run keeps its finished files for the next one.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the result (or the --dry-run plan) as JSON on stdout, without a progress bar.")]
 
 
 def family_of(arch: Family) -> str | None:

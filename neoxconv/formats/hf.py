@@ -2,9 +2,10 @@
 --max-shard-size) or pytorch_model*.bin; names, roles and config come from the family's table
 (neoxconv.archs): reading and writing HF is each role's merge and split at p = 1.
 
-Reading is lazy (safetensors are memory-mapped, tensors fetched per layer). Writing streams:
-the shard plan is made from shapes alone, then each layer is loaded, converted and appended,
-and every shard is flushed as soon as it is complete.
+Reading is lazy: names, shapes and byte ranges come from the file headers; each layer's tensors
+are rows of the memory-mapped files (neoxconv.lazy). Writing is a plan
+(neoxconv.plan): the shards are packed from shapes alone, then neoxconv.pipeline writes every
+tensor at its offset, rows that do not change copied file to file.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import DamagedInput, NeoxconvError
-from neoxconv.io import (SafetensorsStreamWriter, check_finite, check_finite_enabled, inside, load_pickle, read_json,
-                         write_json)
+from neoxconv.io import check_finite, inside, read_json, write_json
+from neoxconv.lazy import Lazy
+from neoxconv.plan import Plan, make_plan, safetensors_file
+from neoxconv.ptio import MappedFile, TensorRecord, index_pt, index_safetensors
 from neoxconv.tensormap import Group, TensorMap, group_of
 from neoxconv.validate import check_canonical, check_hf_config, check_hf_sizes
 
@@ -53,51 +55,42 @@ def _weight_files(path: Path, strict: bool = True) -> list[Path]:
 
 
 class _Store:
-    """Tensor name -> file. Safetensors files are opened per layer load and closed again, so a
-    conversion does not keep every page it has touched mapped; pickles stay memory-mapped."""
+    """Tensor name -> file and record, from the file headers (safetensors headers; pickles'
+    zip directory and pickle, neoxconv.ptio): nothing is read or unpickled per access. A group
+    load maps its files and hands out Lazy rows of them (neoxconv.lazy)."""
 
     def __init__(self, files: list[Path]):
         self.where: dict[str, Path] = {}
-        self.metas: dict[str, torch.Tensor] = {}
-        self._open: dict[Path, object] = {}
+        self.records: dict[str, TensorRecord] = {}
         for f in files:
             if f.suffix == ".safetensors":
-                try:
-                    h = safe_open(str(f), framework="pt")
-                except Exception as e:  # noqa: BLE001
-                    raise DamagedInput(f"{f}: not a readable safetensors file ({e})") from None
-                for k in h.keys():
-                    sl = h.get_slice(k)
-                    if sl.get_dtype() not in _ST_DTYPES:
-                        raise NeoxconvError(f"{f}: tensor {k} has dtype {sl.get_dtype()}, which neoxconv does not read")
-                    self.metas[k] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES[sl.get_dtype()], device="meta")
-                    self.where[k] = f
-                    if check_finite_enabled():  # --check-finite: every tensor once, before anything is written
-                        check_finite(h.get_tensor(k), f, k)
-                del h
+                records, _ = index_safetensors(f)
             else:
-                sd = load_pickle(f)
-                if not isinstance(sd, dict):
+                tree = index_pt(f).obj
+                if not isinstance(tree, dict):
                     raise DamagedInput(f"{f}: expected a dict of tensors")
-                self._open[f] = sd
-                for k, v in sd.items():
-                    if isinstance(v, torch.Tensor):
-                        self.metas[k] = v.to("meta")
-                        self.where[k] = f
-                        check_finite(v, f, k)
+                records = {k: v for k, v in tree.items() if isinstance(v, TensorRecord)}
+            for k, rec in records.items():
+                if rec.dtype not in _ST_DTYPES.values():
+                    raise NeoxconvError(f"{f}: tensor {k} has dtype {str(rec.dtype).removeprefix('torch.')}, which "
+                                        "neoxconv does not read")
+                self.records[k] = rec
+                self.where[k] = f
+        self.metas = {k: Lazy.shape_only(rec.shape, rec.dtype) for k, rec in self.records.items()}
 
-    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[Path, list[str]] = {}
+    def get_many(self, names: list[str]) -> dict[str, Lazy]:
+        """The named tensors as Lazy rows of their (mapped) files; with --check-finite each is
+        scanned on the mapping the conversion then copies from."""
+        mapped: dict[Path, MappedFile] = {}
+        out = {}
         for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        out: dict[str, torch.Tensor] = {}
-        for f, group in by_file.items():
-            if f in self._open:
-                out.update({n: self._open[f][n] for n in group})
-            else:
-                with safe_open(str(f), framework="pt") as h:
-                    out.update({n: h.get_tensor(n) for n in group})
-        return {n: out[n] for n in names}
+            f = self.where[n]
+            if f not in mapped:
+                mapped[f] = MappedFile(f)
+            t = mapped[f].tensor(self.records[n])
+            check_finite(t, f, n)
+            out[n] = Lazy.of_record(t, self.records[n])
+        return out
 
 
 def _real_vocab(path: Path, rows: int) -> int | None:
@@ -172,10 +165,19 @@ def _order(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(sorted(d.items()))
 
 
-def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 10**9,
-             trim_vocab_padding: bool = False, family: str | None = None,
-             progress: Callable[[str], None] | None = None) -> dict:
+def write_hf(ckpt: Checkpoint, out: Path, *, progress: Callable[[int], None] | None = None, workers: int = 1,
+             **opts) -> dict:
     """Write an HF directory into `out` (exists, empty). Returns a summary."""
+    from neoxconv.pipeline import execute
+
+    plan = plan_hf(ckpt, **opts)
+    execute(plan, out, workers=workers, progress=progress)
+    return plan.finish(out)
+
+
+def plan_hf(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 10**9,
+            trim_vocab_padding: bool = False, family: str | None = None) -> Plan:
+    """The files of an HF export (neoxconv.plan): safetensors shards packed in tensor order."""
     spec = ckpt.spec
     if family and family != spec.family:
         spec = spec.replace(family=family)
@@ -191,49 +193,43 @@ def write_hf(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype | None = None, m
     def to_hf(group: Group, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return arch.from_canonical(out_spec, {k: v.to(out_dtype) for k, v in t.items()})
 
-    # Plan: HF names, dtypes and shapes per group from metas alone, then pack shards in order.
+    # Shards: HF names, dtypes and shapes per group from the headers alone, packed in order.
     groups = ckpt.tensors.groups()
-    plan: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
-    for g in groups:
-        for name, t in to_hf(g, ckpt.tensors.metas(g)).items():
-            plan.append((name, t.dtype, tuple(t.shape), t.numel() * t.element_size()))
-    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, dt, shape, nbytes in plan:
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, dt, shape))
+    sizes = [(name, t.numel() * t.element_size())
+             for g in groups for name, t in to_hf(g, ckpt.tensors.shapes(g)).items()]
+    shard_of: dict[str, int] = {}
+    shard, size = 0, 0
+    for name, nbytes in sizes:
+        if size and size + nbytes > max_shard_size:
+            shard, size = shard + 1, 0
+        shard_of[name] = shard
         size += nbytes
-    n = len(shards)
+    n = shard + 1
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    shard_of = {entry[0]: i for i, s in enumerate(shards) for entry in s}
-    # Each shard's header is written first; tensors stream in as their layer is converted.
-    writers: dict[int, SafetensorsStreamWriter] = {}
-    for g in groups:
-        for name, t in to_hf(g, ckpt.tensors.load_group(g)).items():
-            i = shard_of[name]
-            if i not in writers:
-                writers[i] = SafetensorsStreamWriter(out / names[i], shards[i], metadata={"format": "pt"})
-            writers[i].write(name, t)
-            if writers[i].complete:
-                writers[i].close()
-        if progress:
-            progress(f"layer {g}" if isinstance(g, int) else str(g))
-    for w in writers.values():
-        w.close()
-    if n > 1:
-        write_json(out / "model.safetensors.index.json", {
-            "metadata": {"total_size": sum(p[3] for p in plan)},
-            "weight_map": {p[0]: names[shard_of[p[0]]] for p in plan},
-        })
-    import transformers
 
-    dtype_name = str(out_dtype).removeprefix("torch.")
-    gen = ckpt.text.generation  # special-token ids: the checkpoint's generation settings, when known
-    config.update({**(gen.token_ids() if gen else {}), "dtype": dtype_name, "torch_dtype": dtype_name,
-                   "transformers_version": transformers.__version__})
-    write_json(out / "config.json", config)
-    if gen is not None:
-        write_json(out / "generation_config.json", {**gen.to_json(), "transformers_version": transformers.__version__})
-    return {"shards": n, "vocab_rows": rows, "spec": out_spec, "config": config}
+    def outputs(group: Group, t: dict[str, torch.Tensor]):
+        return [(names[shard_of[name]], name, x) for name, x in to_hf(group, t).items()]
+
+    def finish(out: Path) -> dict:
+        if n > 1:
+            write_json(out / "model.safetensors.index.json", {
+                "metadata": {"total_size": sum(nbytes for _, nbytes in sizes)},
+                "weight_map": {name: names[shard_of[name]] for name, _ in sizes},
+            })
+        import transformers
+
+        dtype_name = str(out_dtype).removeprefix("torch.")
+        gen = ckpt.text.generation  # special-token ids: the checkpoint's generation settings, when known
+        config.update({**(gen.token_ids() if gen else {}), "dtype": dtype_name, "torch_dtype": dtype_name,
+                       "transformers_version": transformers.__version__})
+        write_json(out / "config.json", config)
+        if gen is not None:
+            write_json(out / "generation_config.json", {**gen.to_json(),
+                                                        "transformers_version": transformers.__version__})
+        return {"shards": n, "vocab_rows": rows, "spec": out_spec, "config": config}
+
+    options = {"to": "hf", "dtype": str(out_dtype), "max_shard_size": max_shard_size,
+               "trim_vocab_padding": trim_vocab_padding, "family": spec.family}
+    return make_plan(groups, ckpt.tensors.shapes, outputs,
+                     lambda rel, entries: safetensors_file(rel, entries, {"format": "pt"}),
+                     ckpt.tensors.lazy_group, finish, options)

@@ -37,8 +37,8 @@ when it is not 10000, as CodeLlama). The style of a Meta source is kept; other s
 "llama3". Meta has no vocabulary padding: padded rows are dropped, except that the output
 layer is always split on dim 0, so a vocabulary that the shard count does not divide is padded
 with zero rows to the next multiple (params.json then says that size).
-Each shard file holds the whole model's share of one rank, so shards are written one after
-another: peak memory is one shard plus one layer (each layer is read once per shard).
+All shards are written in one pass over the source (neoxconv.plan, neoxconv.pipeline): each
+group is split into every shard's file at once, at its planned offset.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ import torch
 from neoxconv import archs
 from neoxconv.checkpoint import Checkpoint
 from neoxconv.errors import DamagedInput, NeoxconvError
-from neoxconv.io import check_finite, load_pickle, owned, read_json, save_pickle, write_json
+from neoxconv.io import check_finite, read_json, write_json
+from neoxconv.lazy import Lazy
+from neoxconv.plan import Plan, make_plan, pt_file
+from neoxconv.ptio import MappedFile, TensorRecord, index_pt
 from neoxconv.roles import ROW, Context, resize_vocab
 from neoxconv.spec import ModelSpec
 from neoxconv.table import Entry, entries, merge_group, split_group, with_roles
@@ -148,15 +151,14 @@ def _shard_files(path: Path) -> list[Path]:
     return [f for _, f in found]
 
 
-def _load_shards(files: list[Path]) -> list[dict[str, torch.Tensor]]:
+def _index_shards(files: list[Path]) -> list[dict[str, TensorRecord]]:
+    """Each shard's tensor records, from its zip directory and pickle (no tensor data read)."""
     shards = []
-    for rank, f in enumerate(files):
-        sd = load_pickle(f)  # memory-mapped: tensors are read when touched (or now, by --check-finite)
+    for f in files:
+        sd = index_pt(f).obj
         if not isinstance(sd, dict) or EMBED not in sd:
             raise DamagedInput(f"{f}: not a Meta Llama shard (no {EMBED})")
-        shards.append({k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and k not in IGNORED})
-        for k, v in shards[-1].items():
-            check_finite(v, f, k, rank)
+        shards.append({k: v for k, v in sd.items() if isinstance(v, TensorRecord) and k not in IGNORED})
     keys0 = set(shards[0])
     for f, sd in zip(files[1:], shards[1:]):
         if set(sd) != keys0:
@@ -218,7 +220,7 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
     if family not in (None, "llama", "mistral"):
         raise NeoxconvError(f"{path}: a Meta Llama checkpoint cannot be read as {family!r} (use llama)")
     files = _shard_files(path)
-    shards = _load_shards(files)
+    shards = _index_shards(files)
     p = len(shards)
     dim, n_layers, heads = int(params["dim"]), int(params["n_layers"]), int(params["n_heads"])
     _check_names(files, set(shards[0]), n_layers)
@@ -270,7 +272,16 @@ def read_meta(path: Path, family: str | None = None) -> Checkpoint:
 
     def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:
         rows = names[group] if isinstance(group, str) else [e.at(group) for e in names["layer"]]
-        states = [{e.name: sd[e.name].to("meta") if meta else sd[e.name] for e in rows} for sd in shards]
+        if meta:
+            states = [{e.name: Lazy.shape_only(sd[e.name].shape, sd[e.name].dtype) for e in rows} for sd in shards]
+        else:  # Lazy rows of each shard, mapped (--check-finite scans the mapping the conversion copies from)
+            states = []
+            for rank, (f, sd) in enumerate(zip(files, shards, strict=True)):
+                mapped = MappedFile(f)
+                tensors = {e.name: mapped.tensor(sd[e.name]) for e in rows}
+                for k, t in tensors.items():
+                    check_finite(t, f, k, rank)
+                states.append({k: Lazy.of_record(t, sd[k]) for k, t in tensors.items()})
         out = merge_group(rows, states, ctx)
         if isinstance(group, int):
             q, k = f"layers.{group}.attn.q.weight", f"layers.{group}.attn.k.weight"
@@ -362,9 +373,19 @@ def meta_params(spec: ModelSpec, vocab: int, style: str, prefer: dict | None = N
     return out
 
 
-def write_meta(ckpt: Checkpoint, out: Path, *, shards: int, dtype: torch.dtype | None = None,
-               progress: Callable[[str], None] | None = None, style: str | None = None) -> dict:
+def write_meta(ckpt: Checkpoint, out: Path, *, progress: Callable[[int], None] | None = None, workers: int = 1,
+               **opts) -> dict:
     """Write `consolidated.00.pth` ... and `params.json` into `out` (exists, empty)."""
+    from neoxconv.pipeline import execute
+
+    plan = plan_meta(ckpt, **opts)
+    execute(plan, out, workers=workers, progress=progress)
+    return plan.finish(out)
+
+
+def plan_meta(ckpt: Checkpoint, *, shards: int, dtype: torch.dtype | None = None, style: str | None = None) -> Plan:
+    """The files of a Meta checkpoint (neoxconv.plan): all shards are written in one pass over
+    the source, each group split into every shard at once."""
     spec = ckpt.spec
     _check_writable(spec, shards)
     style = style or ckpt.info.get("meta_style") or "llama3"
@@ -379,46 +400,46 @@ def write_meta(ckpt: Checkpoint, out: Path, *, shards: int, dtype: torch.dtype |
 
     names = _names(spec.family, hidden_split=emb_dim == 1)
     ctx = Context.of(spec, vocab_rows=vocab)
+    tied = "lm_head.weight" not in ckpt.tensors
 
-    def to_meta(group: Group, t: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def with_embed(load):  # tied: Meta always stores the output layer, a copy of the embedding
+        return lambda g: {**load(g), **(load("embed") if g == "final" and tied else {})}
+
+    def outputs(group: Group, t: dict[str, torch.Tensor]):
         """What each shard stores of one group (Meta names)."""
         t = {k: v.to(out_dtype) for k, v in t.items()}
         if group == "embed":
             t["embed.weight"] = resize_vocab(t["embed.weight"], vocab, spec.vocab_size)
-            return split_group(names["embed"], t, shards, ctx)
-        if group == "final":
-            if "lm_head.weight" not in t:  # tied: Meta always stores the output layer
-                t["lm_head.weight"] = ckpt.tensors.load_group("embed")["embed.weight"].to(out_dtype)
-            return split_group(names["final"], t, shards, ctx)
-        q, k = f"layers.{group}.attn.q.weight", f"layers.{group}.attn.k.weight"
-        t[q], t[k] = rotate_half_to_meta(t[q], heads), rotate_half_to_meta(t[k], kv)
-        return split_group([e.at(group) for e in names["layer"]], t, shards, ctx)
+            ranks = split_group(names["embed"], t, shards, ctx)
+        elif group == "final":
+            if tied:
+                t["lm_head.weight"] = t.pop("embed.weight")
+            ranks = split_group(names["final"], t, shards, ctx)
+        else:
+            q, k = f"layers.{group}.attn.q.weight", f"layers.{group}.attn.k.weight"
+            t[q], t[k] = rotate_half_to_meta(t[q], heads), rotate_half_to_meta(t[k], kv)
+            ranks = split_group([e.at(group) for e in names["layer"]], t, shards, ctx)
+        return [(f"consolidated.{r:02d}.pth", name, part) for r, sd in enumerate(ranks) for name, part in sd.items()]
 
-    groups = ckpt.tensors.groups()
-    for rank in range(shards):
-        state: dict[str, torch.Tensor] = {}
-        for group in groups:
-            for name, part in to_meta(group, ckpt.tensors.load_group(group))[rank].items():
-                state[name] = owned(part)
-            if progress and rank == shards - 1:
-                progress(f"layer {group}" if isinstance(group, int) else str(group))
-        save_pickle(_meta_order(state), out / f"consolidated.{rank:02d}.pth")
-        del state
-    prefer = ckpt.info.get("params") if ckpt.info.get("format") == "meta" else None
-    params = meta_params(spec, vocab, style, prefer)
-    write_json(out / PARAMS, params)
-    out_spec = spec.replace(vocab_rows=vocab, vocab_size=min(spec.vocab_size, vocab), tied=False,
-                            dtype=str(out_dtype).removeprefix("torch."))
-    return {"shards": shards, "vocab_rows": vocab, "embedding_split_dim": emb_dim if shards > 1 else None,
-            "style": style, "params": params, "spec": out_spec}
+    def finish(out: Path) -> dict:
+        prefer = ckpt.info.get("params") if ckpt.info.get("format") == "meta" else None
+        params = meta_params(spec, vocab, style, prefer)
+        write_json(out / PARAMS, params)
+        out_spec = spec.replace(vocab_rows=vocab, vocab_size=min(spec.vocab_size, vocab), tied=False,
+                                dtype=str(out_dtype).removeprefix("torch."))
+        return {"shards": shards, "vocab_rows": vocab, "embedding_split_dim": emb_dim if shards > 1 else None,
+                "style": style, "params": params, "spec": out_spec}
+
+    options = {"to": "meta", "shards": shards, "dtype": str(out_dtype), "style": style}
+    return make_plan(ckpt.tensors.groups(), with_embed(ckpt.tensors.shapes), outputs,
+                     lambda rel, entries: pt_file(rel, sorted(entries, key=lambda e: _meta_key(e[0]))),
+                     with_embed(ckpt.tensors.lazy_group), finish, options)
 
 
-def _meta_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _meta_key(name: str) -> tuple:
     """Meta's key order: tok_embeddings, layers in order, norm, output."""
-    def key(name: str) -> tuple:
-        if name == EMBED:
-            return (0, 0, "")
-        if name.startswith("layers."):
-            return (1, int(name.split(".")[1]), "")
-        return (2, 0, "" if name == "norm.weight" else "z")
-    return dict(sorted(state.items(), key=lambda kv: key(kv[0])))
+    if name == EMBED:
+        return (0, 0, "")
+    if name.startswith("layers."):
+        return (1, int(name.split(".")[1]), "")
+    return (2, 0, "" if name == "norm.weight" else "z")

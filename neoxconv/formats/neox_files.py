@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,8 @@ import torch
 
 from neoxconv.errors import DamagedInput, NeoxconvError
 from neoxconv.formats.neox_args import find_config_files, read_configs
-from neoxconv.io import check_finite, check_finite_enabled, inside, load_pickle
+from neoxconv.io import check_finite, check_finite_enabled, inside
+from neoxconv.ptio import MappedFile, TensorRecord, index_pt
 
 SIDECAR = "neoxconv.json"
 QKV_LAYOUTS = ("mha_interleaved", "gqa_blocked", "gqa_fakehead")
@@ -93,64 +95,60 @@ class NeoxFiles:
     indices: list[int]  # spec indices present
     _files: dict[tuple[int, int], Path] = field(default_factory=dict, repr=False)  # pipeline (idx, rank)
     _rank_files: list[Path] | None = field(default=None, repr=False)  # sequential, per rank
-    _cache: tuple[int, list[dict]] | None = field(default=None, repr=False)
     num_layers: int = 0
     qkv_layout: str = "mha_interleaved"  # the converter's reading (formats/neox.py); the proof never reads it
-    # What rank_states saw, per spec index and TP rank: tensor name -> (shape, dtype). The
-    # spec-level check (neoxconv.validate) works on this record, without reading again.
+    # What the files hold, per spec index and TP rank: tensor name -> (shape, dtype), from the
+    # file headers (ptio.index_pt). The spec-level check (neoxconv.validate) works on this record.
     stored: dict[int, list[dict[str, tuple[tuple[int, ...], torch.dtype]]]] = field(default_factory=dict, repr=False)
     # Replicated copies that differ across ranks: (spec index, name) -> Drift.
     drift: dict[tuple[int, str], "Drift"] = field(default_factory=dict, repr=False)
     _first_layer: int | None = field(default=None, repr=False)
     _finite_done: set[tuple[int, int]] = field(default_factory=set, repr=False)
+    # (spec index, rank) -> name -> TensorRecord: every file is indexed once (a sequential
+    # mp_rank file once per run, for all its spec indices), never unpickled per access.
+    _records: dict[tuple[int, int], dict[str, TensorRecord]] = field(default_factory=dict, repr=False)
+    _indexed: set[Path] = field(default_factory=set, repr=False)
+    _drift_done: set[int] = field(default_factory=set, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    def rank_states(self, idx: int) -> list[dict[str, torch.Tensor]]:
-        """Tensors of spec index `idx`, one dict per TP rank, names without `sequential.N.`."""
-        if self._cache and self._cache[0] == idx:
-            return self._cache[1]
+    def records(self, idx: int) -> list[dict[str, TensorRecord]]:
+        """Tensor records of spec index `idx`, one dict per TP rank (names without
+        `sequential.N.`), from the file headers: no tensor data is read. The storage checks of
+        names, shapes and dtypes across ranks and layers run on the first call per index."""
         if idx not in self.indices:
             raise KeyError(idx)
-        if self.layout == "pipeline":
-            states = []
-            for r in range(self.tp):
-                sd = load_pickle(self._files[(idx, r)])
-                if not isinstance(sd, dict):
-                    raise DamagedInput(f"{self._files[(idx, r)]}: expected a dict of tensors")
-                states.append({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
-        else:
-            # Re-opened per access (the pickle index is small, data is memory-mapped): keeping
-            # whole-model mappings open would leave every touched page resident.
-            prefix = f"sequential.{idx}."
-            states = []
-            for f in self._rank_files:
-                module = _module(f)
-                states.append({k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)})
-                del module
-        if idx not in self.stored:
-            self._screen(idx, states)
-        self._cache = (idx, states)
+        recs = [self.rank_records(idx, r) for r in range(self.tp)]
+        with self._lock:
+            if idx not in self.stored:
+                self._screen(idx, recs)
+        return recs
+
+    def rank_records(self, idx: int, rank: int) -> dict[str, TensorRecord]:
+        """Tensor records of spec index `idx` on TP rank `rank` (that rank's file only)."""
+        if idx not in self.indices:
+            raise KeyError(idx)
+        if not 0 <= rank < self.tp:
+            raise NeoxconvError(f"{self.tag_dir}: TP rank {rank} out of range (tp={self.tp})")
+        with self._lock:
+            if (idx, rank) not in self._records:
+                self._index(idx, rank)
+            return self._records.get((idx, rank), {})
+
+    def rank_states(self, idx: int) -> list[dict[str, torch.Tensor]]:
+        """Tensors of spec index `idx`, one dict per TP rank, names without `sequential.N.`:
+        memory-mapped views of the files (read when touched). Storage checks as in `records`;
+        replicated copies' drift and (--check-finite) NaN/Inf on the data, once per index."""
+        states = [self._tensors(idx, r, recs) for r, recs in enumerate(self.records(idx))]
+        with self._lock:
+            if idx not in self._drift_done:
+                self._measure_drift(idx, states)
+                self._drift_done.add(idx)
         return states
 
     def rank_state(self, idx: int, rank: int) -> dict[str, torch.Tensor]:
         """Tensors of spec index `idx` on TP rank `rank` only: reads that rank's file and no other
         (a TP training process loads just its own shards)."""
-        if self._cache and self._cache[0] == idx:
-            return self._cache[1][rank]
-        if idx not in self.indices:
-            raise KeyError(idx)
-        if not 0 <= rank < self.tp:
-            raise NeoxconvError(f"{self.tag_dir}: TP rank {rank} out of range (tp={self.tp})")
-        if self.layout == "pipeline":
-            sd = load_pickle(self._files[(idx, rank)])
-            if not isinstance(sd, dict):
-                raise DamagedInput(f"{self._files[(idx, rank)]}: expected a dict of tensors")
-            state = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        else:
-            prefix = f"sequential.{idx}."
-            module = _module(self._rank_files[rank])
-            state = {k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)}
-        self._check_finite(idx, rank, state)
-        return state
+        return self._tensors(idx, rank, self.rank_records(idx, rank))
 
     def file_for(self, idx: int, rank: int = 0) -> Path:
         if self.layout == "pipeline":
@@ -160,6 +158,32 @@ class NeoxFiles:
     def stored_name(self, idx: int, name: str) -> str:
         """A tensor's name as its file holds it."""
         return name if self.layout == "pipeline" else f"sequential.{idx}.{name}"
+
+    def _tensors(self, idx: int, rank: int, recs: dict[str, TensorRecord]) -> dict[str, torch.Tensor]:
+        mapped = MappedFile(self.file_for(idx, rank)) if recs else None
+        state = {k: mapped.tensor(rec) for k, rec in recs.items()}
+        self._check_finite(idx, rank, state)
+        return state
+
+    def _index(self, idx: int, rank: int) -> None:
+        """Index the file holding (idx, rank): a layer file, or a whole mp_rank file (all indices)."""
+        path = self.file_for(idx, rank)
+        if path in self._indexed:
+            return
+        tree = index_pt(path).obj
+        if self.layout == "pipeline":
+            if not isinstance(tree, dict):
+                raise DamagedInput(f"{path}: expected a dict of tensors")
+            self._records[(idx, rank)] = {k: v for k, v in tree.items() if isinstance(v, TensorRecord)}
+        else:
+            module = tree.get("module") if isinstance(tree, dict) else None
+            if not isinstance(module, dict):
+                raise DamagedInput(f"{path}: no `module` dict of tensors")
+            for key, rec in module.items():
+                m = SEQ_KEY.match(key) if isinstance(key, str) else None
+                if m and isinstance(rec, TensorRecord):
+                    self._records.setdefault((int(m[1]), rank), {})[m[2]] = rec
+        self._indexed.add(path)
 
     # -- storage checks ------------------------------------------------------------------------
 
@@ -171,10 +195,10 @@ class NeoxFiles:
                 check_finite(v, self.file_for(idx, rank), self.stored_name(idx, k), rank)
         self._finite_done.add((idx, rank))
 
-    def _screen(self, idx: int, states: list[dict]) -> None:
-        """The storage checks of one spec index, read on all ranks (see the module docstring)."""
-        seen = [{k: (tuple(v.shape), v.dtype) for k, v in st.items() if isinstance(v, torch.Tensor)}
-                for st in states]
+    def _screen(self, idx: int, recs: list[dict[str, TensorRecord]]) -> None:
+        """The storage checks of one spec index, from the headers of all ranks (see the module
+        docstring)."""
+        seen = [{k: (tuple(v.shape), v.dtype) for k, v in st.items()} for st in recs]
         for r in range(1, len(seen)):
             ref = f"rank 0 ({self.file_for(idx, 0).name})"
             self._same(idx, r, seen[r], seen[0], ref, lambda n, f, e, ref=ref: (
@@ -191,9 +215,6 @@ class NeoxFiles:
                 self._same(idx, 0, mine, firsts, ref, lambda n, f, e, ref=ref: (
                     f"tensor {n} of layer {idx - 2} is {f} on TP rank 0, but {e} in {ref}: every NeoX layer stores "
                     "the same tensors"))
-        for r, st in enumerate(states):
-            self._check_finite(idx, r, st)
-        self._measure_drift(idx, states)
         self.stored[idx] = seen
 
     def _same(self, idx: int, rank: int, found: dict, expected: dict, ref: str, differs) -> None:
@@ -282,39 +303,28 @@ def _open_sequential(tag_dir, mp_files, args, used, iteration, want=None) -> Neo
     if ranks != list(range(len(ranks))):
         raise DamagedInput(f"{tag_dir}: mp_rank files are not numbered 00..{len(ranks) - 1:02d} (found {ranks})")
     first = _first_rank(tag_dir, len(mp_files), want)
-    modules = []
-    for r, p in mp_files:
-        if want is not None and r not in want:
-            continue
-        state = load_pickle(p)
-        module = state.get("module") if isinstance(state, dict) else None
-        if not isinstance(module, dict) or not any(isinstance(k, str) and SEQ_KEY.match(k) for k in module):
-            raise NeoxconvError(f"{p}: no `sequential.N.*` tensors in `module` and no layer_* files: "
-                                "not a NeoX checkpoint (or its layer files are missing)")
-        modules.append({k for k in module if isinstance(k, str) and SEQ_KEY.match(k)})
-        del state, module
     tp = len(mp_files)
+    nf = NeoxFiles(tag_dir, "sequential", tp, 1, iteration, args, used, [], _rank_files=[p for _, p in mp_files])
+    read = [r for r, _ in mp_files if want is None or r in want]
+    modules = []
+    for r in read:  # each mp_rank file is indexed once, here: every spec index's records at once
+        nf._index(-1, r)
+        keys = {(idx, k) for (idx, rank), recs in nf._records.items() if rank == r for k in recs}
+        if not keys:
+            raise NeoxconvError(f"{mp_files[r][1]}: no `sequential.N.*` tensors in `module` and no layer_* files: "
+                                "not a NeoX checkpoint (or its layer files are missing)")
+        modules.append(keys)
     declared_tp = args.get("model_parallel_size")
     if declared_tp and int(declared_tp) != tp:
         raise NeoxconvError(f"{tag_dir}: {tp} mp_rank file(s), but the config says model_parallel_size {declared_tp}")
-    indices = sorted({int(SEQ_KEY.match(k)[1]) for k in modules[0]})
-    read = [r for r, _ in mp_files if want is None or r in want]
     for r, keys in zip(read[1:], modules[1:]):
         if keys != modules[0]:
-            diff = sorted(modules[0] ^ keys)[0]
-            raise DamagedInput(f"{mp_files[r][1]}: tensor names differ from mp_rank_{read[0]:02d} (e.g. {diff})")
-    nf = NeoxFiles(tag_dir, "sequential", tp, 1, iteration, args, used, indices, _rank_files=[p for _, p in mp_files])
+            idx, name = sorted(modules[0] ^ keys)[0]
+            raise DamagedInput(f"{mp_files[r][1]}: tensor names differ from mp_rank_{read[0]:02d} "
+                               f"(e.g. sequential.{idx}.{name})")
+    nf.indices = sorted({idx for idx, _ in modules[0]})
     nf.num_layers = _check_indices(nf, lambda idx: f"sequential.{idx}.* in mp_rank_{first:02d}_model_states.pt", first)
     return nf
-
-
-def _module(path: Path) -> dict:
-    """The `module` dict of a sequential-layout mp_rank file."""
-    state = load_pickle(path)
-    module = state.get("module") if isinstance(state, dict) else None
-    if not isinstance(module, dict):
-        raise DamagedInput(f"{path}: no `module` dict of tensors")
-    return {k: v for k, v in module.items() if isinstance(k, str)}
 
 
 def _fmt(shape: tuple[int, ...], dtype: torch.dtype) -> str:
@@ -372,8 +382,7 @@ def _kind(keys: set[str]) -> str:
 
 def _check_indices(nf: NeoxFiles, describe, rank: int = 0) -> int:
     """Classify spec indices by content (rank `rank`'s files) and check the T1 layout; returns the layer count."""
-    kinds = {idx: _kind(set(nf.rank_state(idx, rank))) for idx in nf.indices}
-    nf._cache = None
+    kinds = {idx: _kind(set(nf.rank_records(idx, rank))) for idx in nf.indices}
     layers = sorted(i for i, k in kinds.items() if k == "layer")
     declared = nf.args.get("num_layers")
     n = int(declared) if declared else (max(layers) - 1 if layers else 0)
@@ -393,7 +402,7 @@ def _check_indices(nf: NeoxFiles, describe, rank: int = 0) -> int:
     unknown = [i for i, k in kinds.items() if k == "unknown"]
     if unknown:
         raise NeoxconvError(f"{nf.tag_dir}: unrecognised tensors at spec index {unknown[0]} "
-                            f"({', '.join(sorted(nf.rank_state(unknown[0], rank))[:3])})")
+                            f"({', '.join(sorted(nf.rank_records(unknown[0], rank))[:3])})")
     if kinds.get(n + 4, "head") != "head":
         raise NeoxconvError(f"{nf.tag_dir}: unexpected tensors at spec index {n + 4}")
     return n

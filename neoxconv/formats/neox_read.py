@@ -1,8 +1,10 @@
 """Read a GPT-NeoX checkpoint into canonical form, one group (layer) at a time.
 
 Each group loads exactly its spec index's files from every TP rank, and the roles of its
-entries (neox_schema, with the family's roles) merge them. A shape pass on `meta` tensors runs
-the same code first and checks that every stored tensor is used: none is dropped silently.
+entries (neox_schema, with the family's roles) merge them. The tensors are Lazy rows of the
+memory-mapped files (neoxconv.lazy): a merge that only concatenates rows copies nothing. A shape
+pass runs the same code first on shape-only tensors from the file headers and checks that every
+stored tensor is used: none is dropped silently.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from neoxconv.errors import NeoxconvError
 from neoxconv.formats.neox_files import SIDECAR, open_neox, read_sidecar
 from neoxconv.formats.neox_schema import NeoxNames, holds_no_weights, in_layer_order
 from neoxconv.formats.neox_spec import spec_from_neox, tokenizer_size
+from neoxconv.lazy import Lazy
 from neoxconv.roles import Context
 from neoxconv.table import Entry, merge_group
 from neoxconv.tensormap import Group, TensorMap
@@ -39,7 +42,7 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
     names = NeoxNames.of(spec, schema, layout)
     ctx = Context.of(spec)
 
-    def check_used(idx: int, states: list[dict[str, torch.Tensor]], rows: list[Entry]) -> None:
+    def check_used(idx: int, states: list[dict], rows: list[Entry]) -> None:
         """Every stored tensor must map somewhere: dropping one silently is a wrong export."""
         used = {e.name for e in rows if e.name in states[0]}
         for r, sd in enumerate(states):
@@ -51,11 +54,14 @@ def read_neox(path: Path, config_files: list[Path] | None = None, family: str | 
 
     def merged(idx: int, rows: list[Entry], meta: bool) -> dict[str, torch.Tensor]:
         """The canonical tensors of spec index idx, merged over TP ranks. The shape pass
-        (meta=True) also checks that every stored tensor is used, on the same tensors."""
-        states = nf.rank_states(idx)
+        (meta=True, from the headers) also checks that every stored tensor is used."""
+        records = nf.records(idx)
         if meta:
-            check_used(idx, states, rows)
-            states = [{k: v.to("meta") for k, v in sd.items()} for sd in states]
+            check_used(idx, records, rows)
+            states = [{k: Lazy.shape_only(rec.shape, rec.dtype) for k, rec in sd.items()} for sd in records]
+        else:
+            states = [{k: Lazy.of_record(t, recs[k]) for k, t in sd.items()}
+                      for sd, recs in zip(nf.rank_states(idx), records, strict=True)]
         return merge_group(rows, states, ctx)
 
     def load(group: Group, meta: bool = False) -> dict[str, torch.Tensor]:

@@ -182,9 +182,9 @@ def spec_from_neox(nf: NeoxFiles, family: str | None, qkv_layout: str | None, vo
     refuse_unsupported(a, where)
     if "num_attention_heads" not in a:
         raise NeoxconvError(f"{where}: num_attention_heads is unknown: no NeoX YAML in configs/; pass --config FILE")
-    emb = nf.rank_states(0)[0]
+    emb = nf.records(0)[0]  # names, shapes and dtypes from the file headers
     tp = nf.tp
-    layer = nf.rank_states(2)[0]
+    layer = nf.records(2)[0]
     schema = detect_schema(set(layer), str(nf.file_for(2)))
     act_name = a.get("activation", "gelu")
     if "mlp.w1.weight" in layer:  # LLaMAParallelMLP (`mlp_type: llama`): w2(act(w1 x) * w3 x)

@@ -2,6 +2,9 @@
 
 Each group is split by the roles of its entries (neox_schema, with the family's roles) into
 what every TP rank stores; the DeepSpeed model-states files, the YAML and neoxconv.json follow.
+The files are a plan (neoxconv.plan) that neoxconv.pipeline writes: every tensor at its offset
+in torch's zip format (neoxconv.ptio, byte-identical to torch.save), rows that do not change
+copied from the source file.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from neoxconv.formats.neox_config import neox_yaml
 from neoxconv.formats.neox_files import SCHEMAS, SIDECAR
 from neoxconv.formats.neox_schema import BUFFERS, NeoxNames, buffers
 from neoxconv.fusing import QKV_LAYOUTS
-from neoxconv.io import load_pickle, owned, save_pickle
+from neoxconv import ptio
+from neoxconv.plan import OutFile, Plan, make_plan, pt_file
 from neoxconv.roles import Context, padded_vocab
 from neoxconv.spec import ModelSpec
 from neoxconv.table import split_group
@@ -26,11 +30,22 @@ from neoxconv.table import split_group
 LAYOUTS = ("pipeline", "sequential")
 
 
-def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout: str = "pipeline",
-               schema: str = "current", dtype: torch.dtype | None = None, vocab_multiple: int = 128,
-               qkv_layout: str | None = None, progress: Callable[[str], None] | None = None,
-               extra_yaml: dict | None = None) -> dict:
-    """Write a NeoX checkpoint into `out` (a fresh directory). Streams one group at a time."""
+def write_neox(ckpt: Checkpoint, out: Path, *, progress: Callable[[int], None] | None = None, workers: int = 1,
+               **opts) -> dict:
+    """Write a NeoX checkpoint into `out` (a fresh directory)."""
+    from neoxconv.pipeline import execute
+
+    plan = plan_neox(ckpt, **opts)
+    execute(plan, out, workers=workers, progress=progress)
+    return plan.finish(out)
+
+
+def plan_neox(ckpt: Checkpoint, *, tp: int = 1, pp: int = 1, layout: str = "pipeline", schema: str = "current",
+              dtype: torch.dtype | None = None, vocab_multiple: int = 128, qkv_layout: str | None = None,
+              extra_yaml: dict | None = None) -> Plan:
+    """The files of a NeoX checkpoint at any TP/PP (neoxconv.plan): a layer file per spec index
+    and rank (pipeline), or one mp_rank file per rank holding every layer (sequential, written
+    once, straight into torch's zip format)."""
     spec = ckpt.spec
     if layout not in LAYOUTS:
         raise NeoxconvError(f"unknown layout {layout!r} (use pipeline or sequential)")
@@ -76,93 +91,81 @@ def write_neox(ckpt: Checkpoint, out: Path, *, tp: int = 1, pp: int = 1, layout:
     out_dtype = dtype or getattr(torch, spec.dtype)
     iteration = int(ckpt.info.get("iteration") or 0)
     tag = f"global_step{iteration}"
-    tag_dir = out / tag
     names = NeoxNames.of(spec, schema, layout_qkv)
     ctx = Context.of(spec, vocab_rows=rows)
-    tag_dir.mkdir(parents=True)
     L = spec.layers
-    # The sequential layout keeps a whole rank in one file. To hold only one layer in memory,
-    # each layer is first saved as a part file; each rank's file is assembled at the end from
-    # memory-mapped parts (page cache, not process memory).
-    parts_dir = tag_dir / ".parts"
-    part_files: list[list[tuple[int, Path]]] = [[] for _ in range(tp)]
 
-    def emit(idx: int, per_rank: list[dict[str, torch.Tensor]]) -> None:
-        for r, sd in enumerate(per_rank):
-            sd = {k: owned(v) for k, v in sd.items()}
-            if layout == "pipeline":
-                save_pickle(sd, tag_dir / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
-            else:
-                parts_dir.mkdir(exist_ok=True)
-                path = parts_dir / f"{idx:03d}-{r:02d}.pt"
-                save_pickle(sd, path)
-                part_files[r].append((idx, path))
+    def where(idx: int, rank: int, name: str) -> tuple[str, str]:
+        if layout == "pipeline":
+            return f"{tag}/layer_{idx:02d}-model_{rank:02d}-model_states.pt", name
+        return f"{tag}/mp_rank_{rank:02d}_model_states.pt", f"sequential.{idx}.{name}"
 
-    def cast(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(out_dtype) for k, v in t.items()}
-
-    for group in ckpt.tensors.groups():
-        t = cast(ckpt.tensors.load_group(group))
+    def outputs(group, t: dict[str, torch.Tensor]):
+        t = {k: v.to(out_dtype) for k, v in t.items()}
         if group == "embed":
-            emit(0, split_group(names.embed, t, tp, ctx, buffers(spec, schema, tp, out_dtype, group)))
+            per_idx = [(0, split_group(names.embed, t, tp, ctx, buffers(spec, schema, tp, out_dtype, group)))]
         elif group == "final":
-            emit(L + 3, split_group(names.final, t, tp, ctx))
+            per_idx = [(L + 3, split_group(names.final, t, tp, ctx))]
             if not spec.tied:
-                emit(L + 4, split_group(names.head, t, tp, ctx))
+                per_idx.append((L + 4, split_group(names.head, t, tp, ctx)))
         else:
-            emit(group + 2, split_group(names.layer_at(group), t, tp, ctx, buffers(spec, schema, tp, out_dtype, group)))
-        if progress:
-            progress(f"layer {group}" if isinstance(group, int) else str(group))
+            per_idx = [(group + 2, split_group(names.layer_at(group), t, tp, ctx,
+                                               buffers(spec, schema, tp, out_dtype, group)))]
+        out = [(*where(idx, r, k), v) for idx, ranks in per_idx for r, sd in enumerate(ranks) for k, v in sd.items()]
+        if layout == "pipeline":  # every spec index has its files, even without tensors (a
+            # non-parametric final norm): (file, None, None) plans a file and writes nothing into it
+            out += [(where(idx, r, "")[0], None, None) for idx, ranks in per_idx for r, sd in enumerate(ranks)
+                    if not sd]
+        return out
 
-    _write_mp_rank_files(tag_dir, tp, pp, layout, iteration, part_files)
-    if parts_dir.exists():
-        parts_dir.rmdir()
-    out_spec = spec.replace(vocab_rows=rows, dtype=str(out_dtype).removeprefix("torch."))
-    (tag_dir / "configs").mkdir()
-    extra_yaml = dict(extra_yaml or {})
-    if spec.sliding_window:  # HF W keys = NeoX flash window W - 1 (see hf_sliding_window)
-        extra_yaml.setdefault("sliding_window_width", spec.sliding_window - 1)
-    yaml_text = neox_yaml(out_spec, tp=tp, pp=pp, layout=layout, vocab_multiple=yaml_multiple, schema=schema,
-                          dtype=out_spec.dtype, extra=extra_yaml, source=ckpt.info.get("format", ""))
-    (tag_dir / "configs" / "neoxconv.yml").write_text(yaml_text)
-    # vocab_size: rows never to trim below (the tokenizer's size, or the source's row count when
-    # no tokenizer was known: vocab_known false).
-    sidecar = {"vocab_size": spec.vocab_size, "vocab_known": vocab_known, "qkv_layout": layout_qkv,
-               "schema": schema, "family": spec.family}
-    if ckpt.info.get("hf_hidden_act"):
-        sidecar["hf_hidden_act"] = ckpt.info["hf_hidden_act"]
-    (tag_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
-    (out / "latest").write_text(tag)
-    return {"tag": tag, "vocab_rows": rows, "qkv_layout": layout_qkv, "spec": out_spec}
+    def layout_file(rel: str, entries) -> OutFile:
+        if layout == "pipeline":
+            return pt_file(rel, entries)
+        return pt_file(rel, entries, lambda module: _model_states(module, tp, iteration))
+
+    def finish(out: Path, extra_yaml: dict | None = extra_yaml) -> dict:
+        tag_dir = out / tag
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        if layout == "pipeline":  # DeepSpeed's model-states files without weights (T1, T2)
+            for mp in range(pp * tp):
+                ptio.save(_model_states(None, pp * tp, iteration), tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
+        out_spec = spec.replace(vocab_rows=rows, dtype=str(out_dtype).removeprefix("torch."))
+        (tag_dir / "configs").mkdir(exist_ok=True)
+        yaml_extra = dict(extra_yaml or {})
+        if spec.sliding_window:  # HF W keys = NeoX flash window W - 1 (see hf_sliding_window)
+            yaml_extra.setdefault("sliding_window_width", spec.sliding_window - 1)
+        yaml_text = neox_yaml(out_spec, tp=tp, pp=pp, layout=layout, vocab_multiple=yaml_multiple, schema=schema,
+                              dtype=out_spec.dtype, extra=yaml_extra, source=ckpt.info.get("format", ""))
+        (tag_dir / "configs" / "neoxconv.yml").write_text(yaml_text)
+        # vocab_size: rows never to trim below (the tokenizer's size, or the source's row count when
+        # no tokenizer was known: vocab_known false).
+        sidecar = {"vocab_size": spec.vocab_size, "vocab_known": vocab_known, "qkv_layout": layout_qkv,
+                   "schema": schema, "family": spec.family}
+        if ckpt.info.get("hf_hidden_act"):
+            sidecar["hf_hidden_act"] = ckpt.info["hf_hidden_act"]
+        (tag_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        (out / "latest").write_text(tag)
+        return {"tag": tag, "vocab_rows": rows, "qkv_layout": layout_qkv, "spec": out_spec}
+
+    options = {"to": "neox", "tp": tp, "pp": pp, "layout": layout, "schema": schema, "dtype": str(out_dtype),
+               "vocab_multiple": vocab_multiple, "qkv_layout": layout_qkv}
+    return make_plan(ckpt.tensors.groups(), ckpt.tensors.shapes, outputs, layout_file, ckpt.tensors.lazy_group,
+                     finish, options)
 
 
-def _write_mp_rank_files(tag_dir: Path, tp: int, pp: int, layout: str, iteration: int,
-                         parts: list[list[tuple[int, Path]]]) -> None:
-    """DeepSpeed's model-states files (§1.4, §1.6): PP*TP with module=None in pipeline mode
-    (mp = stage*TP + tp, T2), TP with the `sequential.*` module otherwise."""
-    count = pp * tp if layout == "pipeline" else tp
-    for mp in range(count):
-        module = None
-        if layout == "sequential":
-            module = {}
-            for idx, path in parts[mp]:
-                module.update({f"sequential.{idx}.{k}": v for k, v in load_pickle(path).items()})
-        buffer_names = [k for k in (module or {}) if k.endswith(BUFFERS)]
-        state = {
-            "module": module,
-            "buffer_names": buffer_names,
-            "optimizer": None,
-            "lr_scheduler": None,
-            "sparse_tensor_module_names": [],
-            "skipped_steps": 0,
-            "global_steps": iteration,
-            "global_samples": 0,
-            "dp_world_size": 1,
-            "mp_world_size": count,
-            "iteration": iteration,
-        }
-        save_pickle(state, tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
-        del module, state
-        if layout == "sequential":
-            for _, path in parts[mp]:
-                path.unlink()
+def _model_states(module: dict | None, mp_world_size: int, iteration: int) -> dict:
+    """DeepSpeed's model-states dict (§1.4, §1.6): `module` None in pipeline mode (PP*TP files,
+    mp = stage*TP + tp, T2), the `sequential.*` tensors otherwise (TP files)."""
+    return {
+        "module": module,
+        "buffer_names": [k for k in (module or {}) if k.endswith(BUFFERS)],
+        "optimizer": None,
+        "lr_scheduler": None,
+        "sparse_tensor_module_names": [],
+        "skipped_steps": 0,
+        "global_steps": iteration,
+        "global_samples": 0,
+        "dp_world_size": 1,
+        "mp_world_size": mp_world_size,
+        "iteration": iteration,
+    }

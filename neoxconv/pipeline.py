@@ -1,0 +1,279 @@
+"""Run a write plan (neoxconv.plan): read, transform and write concurrently, and hash every output
+file as it grows.
+
+- **Jobs** (one per layer group) run on `workers` threads. The main thread opens each file a job
+  writes into, in plan order (so what is opened when is the same for any worker count), and
+  submits jobs in order, at most `workers` at once and within a memory budget of three times
+  the largest job's computed bytes. torch kernels, file I/O, CRC-32 and SHA-256 release the GIL,
+  so the threads overlap for real.
+- **Writes** are positional (every offset is in the plan), so the output is byte-identical
+  whatever the worker count or order. Rows a Lazy tensor takes from a source file are copied
+  file to file (`copy_file_range`: no copy in user space); computed tensors are written from
+  memory. A file is closed (its zip directory written) by whichever job writes into it last.
+- **Hashing**: each file's SHA-256 follows its contiguous written prefix on background threads,
+  so a file's hash is ready about when its last byte is written; the manifest and the resume
+  journal take it from here instead of reading everything again at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from neoxconv.io import tensor_bytes
+from neoxconv.lazy import MAX_RUNS, Lazy
+from neoxconv.plan import OutFile, Plan
+
+FileHash = tuple[int, str]  # (size, sha256 hex)
+_HASH_CHUNK = 1 << 20  # read back in 1 MiB pieces: they stay in the CPU cache for SHA-256
+_HASH_STEP = 8 << 20  # hash a growing file once this much more of it is written
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def tensor_parts(t) -> list:
+    """What to write for one output tensor: the source byte ranges of a Lazy tensor's rows
+    (ptio.FileRange, with the mapped bytes for a CRC) or memoryviews; one gathering copy for a
+    tensor of many short runs (a per-row rotary permutation)."""
+    from neoxconv.ptio import FileRange
+
+    if isinstance(t, Lazy):
+        runs = t.runs()
+        if len(runs) <= MAX_RUNS:
+            parts = []
+            for src, row, count in runs:
+                data = tensor_bytes(src.tensor[row:row + count])
+                if src.file is not None:
+                    at = src.offset + row * src.row_bytes
+                    parts.append(FileRange(src.file, at, count * src.row_bytes, data=data))
+                else:
+                    parts.append(data)
+            return parts
+        t = t.materialize()
+    return [tensor_bytes(t)]
+
+
+def write_tensor(writer, out: OutFile, key: str, t) -> int:
+    """Write one planned tensor into its file's writer; returns its size in bytes."""
+    dtype, shape = out.index[key]
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ValueError(f"{out.relpath}: {key} planned as {dtype} {list(shape)}, produced {t.dtype} {list(t.shape)}")
+    parts = tensor_parts(t)
+    writer.write(out.slots[key] if out.kind == "pt" else key, parts)
+    return sum(p.nbytes for p in parts)
+
+
+def execute(plan: Plan, root: Path, *, workers: int = 1, progress: Callable[[int], None] | None = None,
+            done: dict[str, FileHash] | None = None, on_file: Callable[[str, FileHash], None] | None = None,
+            ) -> dict[str, FileHash]:
+    """Write `plan`'s files under `root`. Files in `done` (a resumed run's finished files) are
+    neither opened nor written. `on_file(relpath, (size, sha256))` is called as each file is
+    finished and hashed. Returns the size and hash of every planned file."""
+    root, done, workers = Path(root), dict(done or {}), max(1, workers)
+    remaining = {rel: sum(rel in j.files for j in plan.jobs) for rel in plan.files if rel not in done}
+    writers: dict[str, object] = {}
+    hasher = _Hasher(threads=max(1, min(workers, 4)), on_file=on_file)
+    costs = {id(j): 2 * j.computed for j in plan.jobs}
+    budget = _Budget(3 * max(costs.values(), default=0))
+    slots = threading.Semaphore(workers)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+    def run(job) -> None:
+        try:
+            for rel, key, t in plan.produce(job.group):
+                if rel in done or key is None:
+                    continue
+                n = write_tensor(writers[rel], plan.files[rel], key, t)
+                if progress:
+                    progress(n)
+            for rel in job.files:
+                with lock:
+                    if rel in done:
+                        continue
+                    remaining[rel] -= 1
+                    last = remaining[rel] == 0
+                if last:
+                    writers[rel].close()
+                    hasher.close(rel)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+        finally:
+            budget.release(costs[id(job)])
+            slots.release()
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="neoxconv-write") as pool:
+            for job in plan.jobs:
+                if all(rel in done for rel in job.files):
+                    continue
+                slots.acquire()
+                budget.acquire(costs[id(job)])
+                if errors:
+                    slots.release()
+                    budget.release(costs[id(job)])
+                    break
+                for rel in job.files:
+                    if rel not in done and rel not in writers:
+                        path = root / rel
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        writers[rel] = open_writer(plan.files[rel], path, hasher.track(rel, path))
+                pool.submit(run, job)
+        if errors:
+            raise errors[0]
+        return {**done, **hasher.results()}
+    except BaseException:
+        for rel, w in writers.items():
+            if remaining.get(rel):
+                w.abort()
+        raise
+    finally:
+        hasher.stop()
+        torch.set_num_threads(threads)
+
+
+def open_writer(out: OutFile, path: Path, on_write):
+    """Open one output file's writer (its header is written now). Every output file is opened
+    here, in plan order: the one place where a test injects a write fault."""
+    return out.open(path, on_write)
+
+
+class _Budget:
+    """Bytes of computed tensors allowed in flight; one job always runs, whatever its size."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _File:
+    """One output file being hashed: its written spans, how far it is hashed, its digest."""
+
+    def __init__(self, path: Path):
+        self.path, self.h, self.hashed, self.frontier = path, hashlib.sha256(), 0, 0
+        self.spans: dict[int, int] = {}  # start -> end of written spans beyond the frontier
+        self.closed, self.busy, self.result = False, False, None
+
+    def add(self, offset: int, n: int) -> None:
+        end = offset + n
+        if end <= self.frontier:
+            return
+        start = max(offset, self.frontier)
+        self.spans[start] = max(end, self.spans.get(start, 0))
+        while self.frontier in self.spans:
+            self.frontier = max(self.frontier, self.spans.pop(self.frontier))
+
+    def ready(self) -> bool:
+        return not self.busy and self.result is None and (
+            self.closed or self.frontier - self.hashed >= _HASH_STEP)
+
+
+class _Hasher:
+    """SHA-256 of every output file, following what has been written (see the module docstring)."""
+
+    def __init__(self, threads: int, on_file=None):
+        self._files: dict[str, _File] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._on_file = on_file
+        self._threads = [threading.Thread(target=self._run, daemon=True, name="neoxconv-hash") for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def track(self, rel: str, path: Path) -> Callable[[int, int], None]:
+        f = self._files[rel] = _File(path)
+
+        def on_write(offset: int, n: int) -> None:
+            with self._cond:
+                f.add(offset, n)
+                if f.ready():
+                    self._cond.notify()
+        return on_write
+
+    def close(self, rel: str) -> None:
+        """The file is complete: hash what is left of it."""
+        with self._cond:
+            self._files[rel].closed = True
+            self._cond.notify_all()
+
+    def results(self) -> dict[str, FileHash]:
+        with self._cond:
+            while self._error is None and any(f.result is None for f in self._files.values()):
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            return {rel: f.result for rel, f in self._files.items()}
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                f = next((f for f in self._files.values() if f.ready()), None)
+                while f is None and not self._stop:
+                    self._cond.wait()
+                    f = next((f for f in self._files.values() if f.ready()), None)
+                if f is None:
+                    return
+                f.busy = True
+                upto = None if f.closed else f.frontier
+            try:
+                end = _hash_range(f, upto)
+            except BaseException as e:  # noqa: BLE001 - reported by results()
+                with self._cond:
+                    self._error = self._error or e
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                f.hashed, f.busy = end, False
+                if f.closed and upto is None:
+                    f.result = (end, f.h.hexdigest())
+                    if self._on_file:
+                        self._on_file(next(r for r, g in self._files.items() if g is f), f.result)
+                self._cond.notify_all()
+
+
+def _hash_range(f: _File, upto: int | None) -> int:
+    """Hash f from where it stands to `upto` (None: to its end). Returns where it stopped."""
+    fd = os.open(f.path, os.O_RDONLY)
+    try:
+        end = os.fstat(fd).st_size if upto is None else upto
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        at = f.hashed
+        while at < end:
+            n = os.preadv(fd, [view[:min(_HASH_CHUNK, end - at)]], at)
+            if n == 0:
+                raise OSError(f"{f.path}: ends at {at} bytes, {end} were written")
+            f.h.update(view[:n])
+            at += n
+        return at
+    finally:
+        os.close(fd)

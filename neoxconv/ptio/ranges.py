@@ -1,0 +1,141 @@
+"""Ranged reads of indexed tensors, and byte-range copies between files.
+
+- `MappedFile.tensor(record)`: a zero-copy tensor on a private read-only-in-practice mapping of
+  the file (page cache, not process memory; nothing is ever written back), as
+  `torch.load(mmap=True)` gives.
+- `read_tensor(fd, record)`: an owned, contiguous copy read with `os.preadv` (one copy, no
+  mapping), for data that will be rearranged anyway.
+- `copy_range(...)`: bytes that do not change go file to file with `os.copy_file_range` (in the
+  kernel; no user-space copy at all), falling back to `os.pread`/`os.pwrite` in 8 MiB chunks where
+  the file systems refuse. (`sendfile` writes at the destination's file position, which
+  concurrent writers to one file share, so positional reads and writes are the safe fallback.)
+- `crc32_range(...)`: the CRC-32 a zip record needs, over a mapped range (zlib releases the GIL).
+
+All of these release the GIL in the kernel or in zlib, so worker threads overlap.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import zlib
+from pathlib import Path
+
+import torch
+
+from neoxconv.ptio.index import TensorRecord
+
+CHUNK = 8 << 20
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+
+
+class MappedFile:
+    """A whole file mapped privately (copy-on-write, never written back).
+
+    Tensors handed out keep the mapping alive; it is unmapped when the last one is freed.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            # ACCESS_COPY: writable for torch.frombuffer without a warning; nothing reaches the file.
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.size else None
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        if offset < 0 or offset + nbytes > self.size:
+            raise ValueError(f"{self.path}: bytes {offset}..{offset + nbytes} beyond the file's {self.size}")
+        return memoryview(self._mm)[offset:offset + nbytes] if nbytes else memoryview(b"")
+
+    def tensor(self, rec: TensorRecord) -> torch.Tensor:
+        """The tensor `rec` describes, viewing the mapped file (zero-copy)."""
+        st = rec.storage
+        if st.path != self.path:
+            raise ValueError(f"record of {st.path} read from {self.path}")
+        count = st.nbytes // rec.dtype.itemsize
+        if count == 0:
+            base = torch.empty(0, dtype=rec.dtype)
+        else:
+            self.view(st.offset, st.nbytes)  # bounds check
+            base = torch.frombuffer(self._mm, dtype=rec.dtype, count=count, offset=st.offset)
+        return base.as_strided(rec.shape, rec.stride, rec.storage_offset)
+
+    def crc32(self, offset: int, nbytes: int, start: int = 0) -> int:
+        """CRC-32 of a byte range, continuing from `start` (the CRC of what precedes it)."""
+        return crc32(self.view(offset, nbytes), start)
+
+
+def crc32(data, start: int = 0) -> int:
+    """CRC-32 (zip's) of a bytes-like object, continuing from `start`. zlib releases the GIL."""
+    return zlib.crc32(data, start)
+
+
+def read_tensor(fd: int, rec: TensorRecord, out: torch.Tensor | None = None) -> torch.Tensor:
+    """An owned contiguous tensor with `rec`'s values, read with os.preadv (one copy).
+
+    Non-contiguous records are read as their whole storage span, then arranged (one more copy)."""
+    if rec.file_range is None:
+        span = rec.storage_offset + sum((s - 1) * st for s, st in zip(rec.shape, rec.stride, strict=True)) + 1
+        flat = torch.empty(span, dtype=rec.dtype)
+        _pread_into(fd, rec.storage.offset, _bytes_of(flat))
+        t = flat.as_strided(rec.shape, rec.stride, rec.storage_offset)
+        return t.contiguous() if out is None else out.copy_(t)
+    offset, nbytes = rec.file_range
+    if out is None:
+        out = torch.empty(rec.shape, dtype=rec.dtype)
+    elif out.dtype != rec.dtype or tuple(out.shape) != rec.shape or not out.is_contiguous():
+        raise ValueError(f"read_tensor: out is {out.dtype} {tuple(out.shape)}, the record {rec.dtype} {rec.shape}")
+    _pread_into(fd, offset, _bytes_of(out))
+    return out
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, without a copy."""
+    if t.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _pread_into(fd: int, offset: int, buf: memoryview) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise EOFError(f"file ends {len(buf) - done} bytes before the record does")
+        done += n
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """os.pwrite until everything is written (one call writes at most ~2 GiB on Linux)."""
+    mv = memoryview(data).cast("B")
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:done + (1 << 30)], offset + done)
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int, kernel: bool = True) -> str:
+    """Copy nbytes between files at explicit offsets (neither file position moves).
+
+    Returns the method used: "copy_file_range", or "pread/pwrite" where the kernel refuses
+    (or with kernel=False)."""
+    done = 0
+    try:
+        while kernel and done < nbytes:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
+            if n == 0:
+                raise EOFError(f"source ends {nbytes - done} bytes before the range does")
+            done += n
+        if kernel:
+            return "copy_file_range"
+    except OSError as e:
+        if e.errno not in _FALLBACK_ERRNOS:
+            raise
+    buf = bytearray(min(CHUNK, nbytes - done))
+    mv = memoryview(buf)
+    while done < nbytes:
+        k = min(len(buf), nbytes - done)
+        _pread_into(src_fd, src_offset + done, mv[:k])
+        pwrite_all(dst_fd, mv[:k], dst_offset + done)
+        done += k
+    return "pread/pwrite"

@@ -1,0 +1,285 @@
+"""How outputs are written (issue 12, issue 9 item 5): `--workers N` gives byte-identical files,
+`--dry-run` prints the plan the run then follows and writes nothing, `--json` is quiet and
+parseable, progress counts every weights byte once, the manifest holds the hashes taken while
+writing, and `--resume` continues a failed or killed run into byte-identical output.
+
+Conversions run in-process (fixtures.pristine.run_cli) on the session's tiny checkpoints; one
+real process is killed to test a resume after SIGKILL.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.pristine import run_cli
+
+# (source, command and options): every writer (HF shards, NeoX pipeline and sequential, Meta
+# shards) and every reader (NeoX both layouts, HF, Meta).
+PATHS = {
+    "neox-to-hf-sharded": ("neox_seq", ["neox-to-hf", "--max-shard-size", "20KB"]),
+    "hf-to-neox-tp2-sequential": ("hf_sharded", ["hf-to-neox", "--tp", "2", "--layout", "sequential"]),
+    "neox-tp2-to-tp4-pipeline": ("neox", ["convert", "--to", "neox", "--tp", "4"]),
+    "hf-to-meta-2-shards": ("hf_gqa", ["convert", "--to", "meta", "--tp", "2"]),
+    "meta-to-neox-tp1": ("meta", ["llama-to-neox", "--tp", "1"]),
+}
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def convert(pristine, path: str, out: Path, *extra) -> tuple[int, str, str]:
+    source, args = PATHS[path]
+    return run_cli(args[0], pristine[source], out, *args[1:], *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(pristine, tmp_path_factory) -> dict[str, Path]:
+    """Every path converted once with one worker: the output the other runs must match (each
+    named `out` as theirs are: the model card's title is OUT's name)."""
+    root = tmp_path_factory.mktemp("reference")
+    out = {}
+    for path in PATHS:
+        out[path] = root / path / "out"
+        code, _, err = convert(pristine, path, out[path], "--workers", "1")
+        assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("path", ["neox-to-hf-sharded", "neox-tp2-to-tp4-pipeline", "hf-to-neox-tp2-sequential",
+                                  "meta-to-neox-tp1"])
+def test_every_source_file_is_indexed_once_and_never_unpickled_whole(path, pristine, tmp_path, monkeypatch):
+    """Planning and validation read headers only: each weights file of the source is indexed
+    once per run (a sequential mp_rank file too, for all its layers), and torch.load never runs."""
+    import torch
+
+    import neoxconv.formats.hf as hf
+    import neoxconv.formats.meta_llama as meta
+    import neoxconv.formats.neox_files as neox_files
+
+    seen: list[Path] = []
+
+    def counting(real):
+        def index(f, *args, **kwargs):
+            seen.append(Path(f).resolve())
+            return real(f, *args, **kwargs)
+        return index
+    for module, name in ((neox_files, "index_pt"), (hf, "index_pt"), (hf, "index_safetensors"),
+                         (meta, "index_pt")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name)))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError(f"torch.load{args[:1]}")
+    monkeypatch.setattr(torch, "load", no_load)
+    code, _, err = convert(pristine, path, tmp_path / "out")
+    assert code == 0, err
+    src = pristine[PATHS[path][0]]
+    # NeoX weights: layer files (pipeline; its mp_rank files hold no weights and are not read),
+    # else the mp_rank files (sequential).
+    neox = sorted(src.rglob("layer_*.pt")) or sorted(src.rglob("mp_rank_*.pt"))
+    weights = [*neox, *src.rglob("*.safetensors"), *src.rglob("*.pth")]
+    assert sorted(seen) == sorted(p.resolve() for p in weights)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_workers_give_byte_identical_output(path, pristine, reference, tmp_path):
+    code, _, err = convert(pristine, path, tmp_path / "out", "--workers", "4")
+    assert code == 0, err
+    assert files_of(tmp_path / "out") == files_of(reference[path])
+
+
+def test_manifest_holds_the_hashes_taken_while_writing(reference):
+    """Each manifest lists every other file of its output with its true size and SHA-256."""
+    for out in reference.values():
+        manifest = json.loads((out / "neoxconv-manifest.json").read_text())
+        files = {rel: data for rel, data in files_of(out).items() if rel != "neoxconv-manifest.json"}
+        assert manifest["format"] == "neoxconv-manifest" and manifest["version"] == 1
+        assert manifest["files"] == {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                                     for rel, data in files.items()}
+
+
+@pytest.mark.parametrize("path", ["neox-to-hf-sharded", "hf-to-neox-tp2-sequential", "hf-to-meta-2-shards"])
+def test_dry_run_prints_the_plan_and_writes_nothing(path, pristine, reference, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, err = convert(pristine, path, out, "--dry-run", "--json", "--workers", "2")
+    assert code == 0, err
+    assert list(tmp_path.iterdir()) == []  # no OUT, no temporary sibling
+    plan = json.loads(stdout)
+    written = files_of(reference[path])
+    # The weights files of the plan are exactly those the run writes, with their sizes.
+    assert {f["path"]: f["bytes"] for f in plan["files"]} == \
+        {rel: len(data) for rel, data in written.items() if rel.endswith((".pt", ".pth", ".safetensors"))}
+    assert plan["bytes"] == sum(f["bytes"] for f in plan["files"])
+    assert plan["bytes_copied"] + plan["bytes_computed"] <= plan["bytes"]  # headers besides tensor data
+    assert plan["tensors"] == sum(f["tensors"] for f in plan["files"]) > 0
+    assert plan["workers"] == 2 and plan["peak_memory_bytes"] >= 0
+
+
+def test_dry_run_table(pristine, tmp_path):
+    code, stdout, err = run_cli("hf-to-neox", pristine["hf"], tmp_path / "out", "--tp", "2", "--dry-run")
+    assert code == 0, err
+    assert "nothing written" in stdout and "layer_02-model_01-model_states.pt" in stdout
+    assert "predicted peak memory" in stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_result_and_progress_bytes(pristine, reference, tmp_path):
+    """--json prints one JSON object and nothing on stderr (no progress bar); the progress
+    callback counts every tensor byte of the weights files once."""
+    code, stdout, err = convert(pristine, "neox-tp2-to-tp4-pipeline", tmp_path / "out", "--json")
+    assert code == 0 and err == "", err
+    result = json.loads(stdout)
+    assert result["format"] == "neox" and result["resumed_files"] == 0 and result["layers"] == 2
+
+    from neoxconv.convert import convert as convert_fn
+
+    seen, planned = [], {}
+    convert_fn(pristine["neox"], tmp_path / "again", to="neox", tp=4, progress=seen.append,
+               on_plan=lambda plan, done: planned.update(plan.summary()))
+    assert sum(seen) == planned["bytes_copied"] + planned["bytes_computed"] > 0
+
+
+# -- --resume ---------------------------------------------------------------------------------------
+
+
+def _fail_opening(monkeypatch, n: int, exc: BaseException) -> None:
+    """The n-th output file the pipeline opens fails (the first n-1 may be finished by then)."""
+    import neoxconv.pipeline as pipeline
+
+    real, calls = pipeline.open_writer, []
+
+    def open_writer(out_file, path, on_write):
+        calls.append(path)
+        if len(calls) == n:
+            raise exc
+        return real(out_file, path, on_write)
+    monkeypatch.setattr(pipeline, "open_writer", open_writer)
+
+
+def _partial(tmp_path: Path) -> list[Path]:
+    return [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+
+
+# Outputs of many files, which finish one after another (a sequential NeoX or Meta file takes
+# every layer group, so it finishes with the run: a resume keeps nothing of those).
+@pytest.mark.parametrize("path", ["neox-to-hf-sharded", "neox-tp2-to-tp4-pipeline"])
+def test_resume_after_a_failed_run(path, pristine, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    # The 6th file is opened with layer 1 (HF: shards 1-3 finished; NeoX: the embedding's 4 files).
+    _fail_opening(monkeypatch, 6, OSError(errno.ENOSPC, "No space left on device"))
+    code, _, err = convert(pristine, path, out, "--resume", "--workers", "1")
+    assert code == 2 and "for --resume" in err and not out.exists(), err
+    [left] = _partial(tmp_path)
+    assert (left / ".neoxconv-journal.jsonl").is_file()
+    monkeypatch.undo()
+    code, stdout, err = convert(pristine, path, out, "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["resumed_files"] >= 1  # files finished before the failure were kept
+    assert files_of(out) == files_of(reference[path])
+    assert _partial(tmp_path) == []
+
+
+def test_resume_rewrites_a_damaged_finished_file(pristine, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _fail_opening(monkeypatch, 6, OSError(errno.ENOSPC, "No space left on device"))
+    assert convert(pristine, "neox-tp2-to-tp4-pipeline", out, "--resume", "--workers", "1")[0] == 2
+    monkeypatch.undo()
+    [left] = _partial(tmp_path)
+    journal = [json.loads(line) for line in (left / ".neoxconv-journal.jsonl").read_text().splitlines()]
+    finished = [e["file"] for e in journal[1:]]
+    assert len(finished) == 4  # the embedding's files, one per TP rank
+    damaged = left / finished[0]
+    data = bytearray(damaged.read_bytes())
+    data[-100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    code, stdout, err = convert(pristine, "neox-tp2-to-tp4-pipeline", out, "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["resumed_files"] == len(finished) - 1
+    assert files_of(out) == files_of(reference["neox-tp2-to-tp4-pipeline"])
+
+
+def test_resume_refuses_another_conversions_leftovers(pristine, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _fail_opening(monkeypatch, 3, OSError(errno.ENOSPC, "No space left on device"))
+    assert convert(pristine, "neox-tp2-to-tp4-pipeline", out, "--resume")[0] == 2
+    monkeypatch.undo()
+    code, _, err = run_cli("convert", pristine["neox"], out, "--to", "neox", "--tp", "1", "--resume")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "other sources or options" in lines[0], err
+    assert not out.exists()
+
+
+def test_without_resume_a_failed_run_leaves_nothing(pristine, tmp_path, monkeypatch):
+    _fail_opening(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"))  # mp_rank_01
+    code, _, err = convert(pristine, "hf-to-neox-tp2-sequential", tmp_path / "out")
+    assert code == 2 and "--resume" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_ON_SIXTH_FILE = """
+import os, signal, sys
+import neoxconv.pipeline as pipeline
+real, calls = pipeline.open_writer, []
+def open_writer(out_file, path, on_write):
+    calls.append(path)
+    if len(calls) == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(out_file, path, on_write)
+pipeline.open_writer = open_writer
+from neoxconv.cli import main
+sys.argv[0] = "neoxconv"
+main()
+"""
+
+
+def test_resume_after_the_process_was_killed(pristine, reference, tmp_path):
+    """A real SIGKILL mid-write (no cleanup runs), then --resume: byte-identical output."""
+    out = tmp_path / "out"
+    source, args = PATHS["neox-tp2-to-tp4-pipeline"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", KILLED_ON_SIXTH_FILE, args[0], str(pristine[source]), str(out),
+                        *args[1:], "--workers", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not out.exists() and len(_partial(tmp_path)) == 1
+    code, stdout, err = convert(pristine, "neox-tp2-to-tp4-pipeline", out, "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["resumed_files"] >= 1
+    assert files_of(out) == files_of(reference["neox-tp2-to-tp4-pipeline"])
+
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    """On a terminal the conversions' bar shows bytes written of the total, bytes/s and the time
+    left; with --json (quiet) it is off (without a terminal too: the other tests see no bar)."""
+    import io
+
+    from neoxconv.cli.app import console
+    from neoxconv.cli.conversions import _progress
+
+    buf = io.StringIO()
+    monkeypatch.setattr(console, "_force_terminal", True)
+    monkeypatch.setattr(console, "_file", buf)
+    monkeypatch.setattr(console, "is_interactive", True)
+    prog, step = _progress(8_000_000, "hf → neox", quiet=False)
+    prog.start()
+    step(1_000_000)
+    time.sleep(0.2)  # the speed needs two samples apart in time
+    step(1_000_000)
+    prog.refresh()
+    text = buf.getvalue()
+    prog.stop()
+    assert "hf → neox" in text and "2.0/8.0 MB" in text, text
+    assert re.search(r"\d [kMG]?B/s", text) and re.search(r"\d:\d\d:\d\d", text), text  # speed, time left
+    quiet, _ = _progress(8_000_000, "hf → neox", quiet=True)
+    assert quiet.disable
