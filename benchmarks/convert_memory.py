@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from procstat import PeakSampler
+
 
 def make_model(out: Path, layers: int, hidden: int, vocab: int) -> int:
     out.mkdir(parents=True)
@@ -72,18 +74,6 @@ def make_model(out: Path, layers: int, hidden: int, vocab: int) -> int:
     return total
 
 
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "VmHWM"):
-                out[key] = int(rest.split()[0])  # kB
-    except OSError:
-        pass
-    return out
-
-
 def run(args: list[str]) -> tuple[float, float, float]:
     """Wall time, peak RSS (incl. memory-mapped file pages) and peak anonymous RSS, in MiB.
 
@@ -93,12 +83,9 @@ def run(args: list[str]) -> tuple[float, float, float]:
     """
     t = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "neoxconv", *args], stdout=subprocess.DEVNULL)
-    anon = hwm = 0
-    while p.poll() is None:
-        st = _status(p.pid)
-        anon = max(anon, st.get("RssAnon", 0))
-        hwm = max(hwm, st.get("VmHWM", 0))
-        time.sleep(0.01)
+    with PeakSampler(p.pid, 0.01) as mem:
+        p.wait()
+    anon, hwm = mem.peak["RssAnon"], mem.peak["VmHWM"]  # kB
     if p.returncode:
         raise SystemExit(f"neoxconv {' '.join(args)} failed")
     return time.perf_counter() - t, hwm / 1024, anon / 1024

@@ -42,9 +42,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from procstat import PeakSampler
 
 HIDDEN = 2048
 NEOX = dict(vocab=50304, heads=16, ff=4 * HIDDEN)
@@ -199,35 +200,14 @@ def _neoxconv(args: list[str]) -> None:
 # measuring
 
 
-def _anon_kb(pid: int) -> int:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def run_conversion(args: list[str], report: Path) -> tuple[float, float, float]:
     """(seconds beyond imports, CPU seconds of all its threads in that time, peak RssAnon above
     the post-import level in MiB) of one run."""
     p = subprocess.Popen([sys.executable, "-c", DRIVER, str(report), *args], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-    peak = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, _anon_kb(p.pid))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, err = p.communicate()
-    stop.set()
-    sampler.join()
+    with PeakSampler(p.pid, 0.005, keys=("RssAnon",)) as mem:
+        _, err = p.communicate()
+    peak = mem.peak["RssAnon"]
     if p.returncode:
         raise SystemExit(f"neoxconv {' '.join(args)} failed ({p.returncode}): {err.strip()[-500:]}")
     r = json.loads(report.read_text())

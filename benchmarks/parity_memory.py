@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from procstat import PeakSampler
+
 VOCAB, HEADS = 50304, 16
 
 
@@ -74,28 +76,13 @@ def make_hf_model(out: Path, layers: int, hidden: int, vocab: int = VOCAB) -> di
     return sizes
 
 
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "VmHWM"):
-                out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
 def measure(cmd: list[str]) -> tuple[float, int, int, int]:
     """(wall s, peak anonymous RSS, peak RSS incl. mapped files, exit code) of a fresh process."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    anon = hwm = 0
-    while p.poll() is None:
-        st = _status(p.pid)
-        anon, hwm = max(anon, st.get("RssAnon", 0)), max(hwm, st.get("VmHWM", 0))
-        time.sleep(0.001)
-    err = p.stderr.read().decode()
+    with PeakSampler(p.pid, 0.001) as mem:
+        err = p.communicate()[1].decode()
+    anon, hwm = mem.peak["RssAnon"] * 1024, mem.peak["VmHWM"] * 1024
     if p.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
     return time.perf_counter() - t, anon, hwm, p.returncode
