@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from neoxconv.errors import DamagedInput, NeoxconvError
+from neoxconv.ptio.ranges import PositionalOutput
 
 _TRUST_PICKLE = False
 _CHECK_FINITE = False
@@ -227,7 +228,7 @@ _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", t
              torch.bool: "BOOL"}
 
 
-class SafetensorsStreamWriter:
+class SafetensorsStreamWriter(PositionalOutput):
     """Write one safetensors file tensor by tensor, in any order and from any thread, holding
     none of it in memory.
 
@@ -309,23 +310,6 @@ class SafetensorsStreamWriter:
             self._fd = -1
         self.path.unlink(missing_ok=True)
 
-    def _pwrite(self, data, offset: int) -> None:
-        from neoxconv.ptio.ranges import pwrite_all
-
-        self._io(pwrite_all, self._fd, data, offset)
-        self._wrote(offset, memoryview(data).nbytes)
-
-    def _wrote(self, offset: int, nbytes: int) -> None:
-        if self._on_write is not None and nbytes:
-            self._on_write(offset, nbytes)
-
-    def _io(self, fn, *args):
-        try:
-            return fn(*args)
-        except OSError as e:
-            if e.filename is None:  # pwrite names no file: the user needs to know which
-                raise OSError(e.errno, e.strerror, str(self.path)) from e
-            raise
 
 
 def _safetensors_layout(entries, metadata) -> tuple[bytes, dict, int]:

@@ -139,3 +139,29 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyte
         pwrite_all(dst_fd, mv[:k], dst_offset + done)
         done += k
     return "pread/pwrite"
+
+
+class PositionalOutput:
+    """What both streaming writers share: positional writes into ``self._fd`` that report to
+    ``self._on_write(offset, nbytes)`` and whose OS errors name ``self.path``."""
+
+    path: Path
+    _fd: int
+    _on_write = None
+
+    def _pwrite(self, data, offset: int) -> None:
+        self._io(pwrite_all, self._fd, data, offset)
+        self._wrote(offset, memoryview(data).nbytes)
+
+    def _wrote(self, offset: int, nbytes: int) -> None:
+        if self._on_write is not None and nbytes:
+            self._on_write(offset, nbytes)
+
+    def _io(self, fn, *args):
+        """An OS call on the output; its error names this file (the OS names none for pwrite)."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            raise

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from neoxconv.ptio.index import StorageRecord, TensorRecord, storage_classes
-from neoxconv.ptio.ranges import MappedFile, copy_range, crc32, pwrite_all
+from neoxconv.ptio.ranges import MappedFile, PositionalOutput, copy_range, crc32, pwrite_all
 from neoxconv.ptio.zipformat import DESCRIPTOR_SIG, central_directory, layout, serialization_id
 
 PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
@@ -49,13 +49,6 @@ class Slot:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
-
-    @staticmethod
-    def size_of(tree: Any, path: Path, archive: str | None = None) -> int:
-        """The size of the file `PtWriter(path, tree)` writes (planning: nothing is opened)."""
-        pkl, storages, _ = pickle_tree(tree)
-        entries = layout(archive or _archive_name(Path(path)), _record_sizes(pkl, storages))
-        return entries[-1].end + len(central_directory(entries, [0] * len(entries)))
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +220,7 @@ def _archive_name(path: Path) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-class PtWriter:
+class PtWriter(PositionalOutput):
     """`on_write(offset, nbytes)` is called after every write into the file (from the writing
     thread): a reader can follow what is finished (neoxconv.pipeline hashes files as they grow)."""
 
@@ -335,22 +328,6 @@ class PtWriter:
         self._pwrite(entry.header + data + entry.descriptor(crc), entry.header_offset)
         self._small[index] = (crc, _descriptor_words(entry, data[:8], crc))
 
-    def _pwrite(self, data: bytes, offset: int) -> None:
-        self._io(pwrite_all, self._fd, data, offset)
-        self._wrote(offset, len(data))
-
-    def _wrote(self, offset: int, nbytes: int) -> None:
-        if self._on_write is not None and nbytes:
-            self._on_write(offset, nbytes)
-
-    def _io(self, fn, *args):
-        """An OS call on the output; its error names this file (the OS names none for pwrite)."""
-        try:
-            return fn(*args)
-        except OSError as e:
-            if e.filename is None:
-                raise OSError(e.errno, e.strerror, str(self.path)) from e
-            raise
 
     def _mapped(self, path: Path) -> MappedFile:
         """A source file mapped for the CRC of ranges whose bytes the caller did not pass."""
