@@ -13,8 +13,6 @@ from neoxconv.cli.options import ArchOpt, ConfigOpt, QkvOpt, TrustOpt, family_of
 
 
 @app.command("parity")
-
-
 def parity_cmd(
     a: Annotated[Path, typer.Argument(help="Reference checkpoint (any format), e.g. the training checkpoint.")],
     b: Annotated[Path, typer.Argument(help="Candidate checkpoint (any format), e.g. the converted output.")],
@@ -75,8 +73,6 @@ def parity_cmd(
 
 
 @app.command("train-check")
-
-
 def train_check_cmd(
     ckpt: Annotated[Path, typer.Argument(help="NeoX checkpoint (save dir with `latest`, or a global_stepN dir).")],
     hf: Annotated[Optional[Path], typer.Option(
@@ -114,8 +110,6 @@ def train_check_cmd(
 
 
 @app.command("inspect")
-
-
 def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="A checkpoint directory of any supported format.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
@@ -140,8 +134,6 @@ def inspect_cmd(
 
 
 @app.command("verify")
-
-
 def verify_cmd(
     path: Annotated[Path, typer.Argument(help="A checkpoint directory of any supported format.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,

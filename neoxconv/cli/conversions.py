@@ -111,8 +111,6 @@ def _show_plan(plan: dict, out: Path, to: str, as_json: bool) -> None:
 
 
 @app.command("neox-to-hf")
-
-
 def neox_to_hf(
     ckpt: Annotated[Path, typer.Argument(help="NeoX save dir (with `latest`) or a global_stepN dir.")],
     out: Annotated[Path, typer.Argument(help="Output Hugging Face model directory (created).")],
@@ -157,8 +155,6 @@ def neox_to_hf(
 
 
 @app.command("hf-to-neox")
-
-
 def hf_to_neox(
     hf_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json + weights).")],
     out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
@@ -192,8 +188,6 @@ def hf_to_neox(
 
 
 @app.command("llama-to-neox")
-
-
 def llama_to_neox(
     meta_dir: Annotated[Path, typer.Argument(help="Meta Llama directory: params.json + consolidated.XX.pth (any shard count).")],
     out: Annotated[Path, typer.Argument(help="Output NeoX save directory (created; gets `latest`).")],
@@ -226,8 +220,6 @@ def llama_to_neox(
 
 
 @app.command("convert")
-
-
 def convert_cmd(
     src: Annotated[Path, typer.Argument(help="Any supported checkpoint (format auto-detected).")],
     out: Annotated[Path, typer.Argument(help="Output directory (created).")],

@@ -13,8 +13,6 @@ from neoxconv.cli.app import app, console, out_console
 
 
 @app.command("upload")
-
-
 def upload_cmd(
     directory: Annotated[Path, typer.Argument(help="Exported Hugging Face directory (config.json, weights, tokenizer, README.md).")],
     repo_id: Annotated[str, typer.Argument(help="Hub repository, namespace/name (a bare name uses the token owner's namespace).")],
@@ -34,8 +32,6 @@ def upload_cmd(
 
 
 @app.command("export-run")
-
-
 def export_run_cmd(
     run_dir: Annotated[Path, typer.Argument(help="NeoX save dir of a training run (its global_stepN directories).")],
     out_dir: Annotated[Optional[Path], typer.Argument(
@@ -90,8 +86,6 @@ def export_run_cmd(
 
 
 @app.command("demo")
-
-
 def demo_cmd(
     out: Annotated[Optional[Path], typer.Argument(help="Where to keep the demo files (default: a temp dir).")] = None,
 ) -> None:
