@@ -8,9 +8,11 @@ test environment, so this is a two-step check with two environments:
     python tools/transformers4_compat.py load DIR      # with torch + safetensors + transformers 4.x
 
 `make` builds tiny seeded models (GPTNeoX parallel/sequential residual, tied, gelu_new; Llama
-GQA with rope_theta 500000; Mistral with and without a window), converts each HF -> NeoX (TP 2)
--> HF, and stores the source model's logits. `load` loads every export with the installed
-transformers and prints max |logits - source logits|; any difference above 1e-5 exits 1.
+GQA with rope_theta 500000; Mistral with and without a window; the custom-code export), converts
+each HF -> NeoX (TP 2) -> HF, and stores the source model's logits. `load` loads every export with
+the installed transformers (custom code with trust_remote_code) and prints max |logits - source
+logits|, and for the custom code also checks that greedy generate() with the KV cache equals it
+without; any difference above 1e-5 or a differing generation exits 1.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ CASES = {
                                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
     "mistral_window": dict(family="mistral", num_key_value_heads=2, sliding_window=6),
     "mistral_no_window": dict(family="mistral", num_key_value_heads=2, sliding_window=None),
+    # neoxconv's custom-code export (ScaleNorm, ALiBi, ReGLU, parallel residual, a local layer)
+    "custom_code": dict(family="custom"),
 }
 
 
@@ -55,13 +59,22 @@ def load(root: Path) -> int:
     ids = torch.load(root / "ids.pt")
     worst = 0.0
     for name in CASES:
-        model = AutoModelForCausalLM.from_pretrained(root / f"{name}.hf", attn_implementation="eager").eval()
+        custom = CASES[name]["family"] == "custom"
+        model = AutoModelForCausalLM.from_pretrained(root / f"{name}.hf", attn_implementation="eager",
+                                                     trust_remote_code=custom).eval()
         with torch.no_grad():
             out = model(ids).logits.float()
         ref = torch.load(root / f"{name}.logits.pt")
         diff = (out[..., : ref.shape[-1]] - ref).abs().max().item()
         worst = max(worst, diff)
         print(f"transformers {transformers.__version__}  {name:34s} {type(model).__name__:20s} max|Δ| = {diff:.3g}")
+        if custom:
+            prompt = ids[:, :6]
+            runs = [model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                   do_sample=False, use_cache=c, pad_token_id=0) for c in (True, False)]
+            same = torch.equal(*runs)
+            print(f"{'':40s} generate() with and without KV cache: {'equal' if same else 'DIFFERENT'}")
+            worst = worst if same else float("inf")
     return 0 if worst <= 1e-5 else 1
 
 
