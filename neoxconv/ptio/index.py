@@ -132,7 +132,7 @@ def index_pt(path: Path, trust: bool | None = None) -> PtIndex:
     """Index a torch-saved file: central directory, local headers and `data.pkl` only.
 
     `trust` (default: neoxconv.io's --trust-pickle setting) resolves any global, as
-    `torch.load(weights_only=False)` would; tensors are still records, never loaded.
+    full unpickling (torch.load without weights_only) would; tensors are still records, never loaded.
     """
     from neoxconv import io as nio
 
