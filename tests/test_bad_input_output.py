@@ -7,13 +7,11 @@ the kernel's own file-size limit is used once, and one real process is killed mi
 from __future__ import annotations
 
 import errno
-import os
 import re
 import resource
 import signal
-import subprocess
-import sys
 
+from fixtures.killed import neoxconv_killed_on_file
 from fixtures.pristine import no_output, run_cli
 
 NEOX_TO_HF = "neox-to-hf"
@@ -87,12 +85,6 @@ def test_interrupted_write_leaves_nothing(pristine, tmp_path, monkeypatch):
     assert no_output(out)
 
 
-def _neoxconv(code: str, *args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
 def test_file_size_limit_from_the_kernel(pristine, tmp_path):
     """The kernel refuses writes past 20 kB (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC; no
     injection): one line, exit 2, nothing at OUT. Python ignores SIGXFSZ, so the write fails."""
@@ -111,27 +103,11 @@ def test_file_size_limit_from_the_kernel(pristine, tmp_path):
     assert no_output(out)
 
 
-KILLED_ON_THIRD_FILE = """
-import os, signal, sys
-import neoxconv.pipeline as pipeline
-real, calls = pipeline.open_writer, []
-def open_writer(out_file, path, on_write):
-    calls.append(path)
-    if len(calls) == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(out_file, path, on_write)
-pipeline.open_writer = open_writer
-from neoxconv.cli import main
-sys.argv[0] = "neoxconv"
-main()
-"""
-
-
 def test_process_killed_mid_write(pristine, tmp_path):
     """SIGKILL in the middle of writing (no chance to clean up): OUT never appears; only a hidden
     `.OUT.partial-*` directory is left, which `verify` calls damaged."""
     out = tmp_path / "out"
-    r = _neoxconv(KILLED_ON_THIRD_FILE, "hf-to-neox", pristine["hf"], out, "--tp", "2")
+    r = neoxconv_killed_on_file(3, "hf-to-neox", pristine["hf"], out, "--tp", "2")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not out.exists()
     left = list(tmp_path.iterdir())

@@ -12,16 +12,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from fixtures.killed import neoxconv_killed_on_file
 from fixtures.pristine import run_cli
 
 # (source, command and options): every writer (HF shards, NeoX pipeline and sequential, Meta
@@ -227,29 +225,11 @@ def test_without_resume_a_failed_run_leaves_nothing(pristine, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-KILLED_ON_SIXTH_FILE = """
-import os, signal, sys
-import neoxconv.pipeline as pipeline
-real, calls = pipeline.open_writer, []
-def open_writer(out_file, path, on_write):
-    calls.append(path)
-    if len(calls) == 6:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(out_file, path, on_write)
-pipeline.open_writer = open_writer
-from neoxconv.cli import main
-sys.argv[0] = "neoxconv"
-main()
-"""
-
-
 def test_resume_after_the_process_was_killed(pristine, reference, tmp_path):
     """A real SIGKILL mid-write (no cleanup runs), then --resume: byte-identical output."""
     out = tmp_path / "out"
     source, args = PATHS["neox-tp2-to-tp4-pipeline"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", KILLED_ON_SIXTH_FILE, args[0], str(pristine[source]), str(out),
-                        *args[1:], "--workers", "1"], capture_output=True, text=True, env=env, timeout=300)
+    r = neoxconv_killed_on_file(6, args[0], pristine[source], out, *args[1:], "--workers", "1")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not out.exists() and len(_partial(tmp_path)) == 1
     code, stdout, err = convert(pristine, "neox-tp2-to-tp4-pipeline", out, "--resume", "--json")
