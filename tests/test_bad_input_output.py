@@ -11,7 +11,7 @@ import re
 import resource
 import signal
 
-from fixtures.killed import neoxconv_killed_on_file
+from fixtures.killed import neoxconv_killed
 from fixtures.pristine import no_output, run_cli
 
 NEOX_TO_HF = "neox-to-hf"
@@ -107,7 +107,7 @@ def test_process_killed_mid_write(pristine, tmp_path):
     """SIGKILL in the middle of writing (no chance to clean up): OUT never appears; only a hidden
     `.OUT.partial-*` directory is left, which `verify` calls damaged."""
     out = tmp_path / "out"
-    r = neoxconv_killed_on_file(3, "hf-to-neox", pristine["hf"], out, "--tp", "2")
+    r = neoxconv_killed("open", 3, "hf-to-neox", pristine["hf"], out, "--tp", "2")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not out.exists()
     left = list(tmp_path.iterdir())
