@@ -64,7 +64,7 @@ PATHS = {  # name -> (source, neoxconv arguments after SRC OUT)
 # Runs in the measured process: import what any conversion imports, then time the command only.
 DRIVER = r"""
 import json, os, resource, sys, time
-import numpy, torch, safetensors.torch, transformers, yaml, rich
+import numpy, torch, safetensors.torch, transformers, yaml, rich, typer._adapters  # typer parses options with pydantic
 import transformers.models.gpt_neox, transformers.models.llama
 import neoxconv.cli, neoxconv.convert, neoxconv.graph, neoxconv.publish, neoxconv.modelcard, neoxconv.tokenizer
 import neoxconv.formats.neox, neoxconv.formats.hf, neoxconv.formats.meta_llama, neoxconv.pipeline, neoxconv.ptio
@@ -76,15 +76,16 @@ report = sys.argv[1]
 sys.argv = ["neoxconv", *sys.argv[2:]]
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime + r.ru_stime, r.ru_utime
 start_anon = anon_kb()
-c, t = cpu(), time.perf_counter()
+(c, u), t = cpu(), time.perf_counter()
 code = 0
 try:
     neoxconv.cli.main()
 except SystemExit as e:
     code = e.code or 0
-json.dump({"seconds": time.perf_counter() - t, "cpu": cpu() - c, "start_anon_kb": start_anon, "code": code},
+(c2, u2), t2 = cpu(), time.perf_counter()
+json.dump({"seconds": t2 - t, "cpu": c2 - c, "user": u2 - u, "start_anon_kb": start_anon, "code": code},
           open(report, "w"))
 sys.exit(code)
 """
@@ -200,9 +201,9 @@ def _neoxconv(args: list[str]) -> None:
 # measuring
 
 
-def run_conversion(args: list[str], report: Path) -> tuple[float, float, float]:
-    """(seconds beyond imports, CPU seconds of all its threads in that time, peak RssAnon above
-    the post-import level in MiB) of one run."""
+def run_conversion(args: list[str], report: Path) -> tuple[float, float, float, float]:
+    """(seconds beyond imports, CPU seconds of all its threads in that time, the user-space part of
+    them, peak RssAnon above the post-import level in MiB) of one run."""
     p = subprocess.Popen([sys.executable, "-c", DRIVER, str(report), *args], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     with PeakSampler(p.pid, 0.005, keys=("RssAnon",)) as mem:
@@ -211,18 +212,18 @@ def run_conversion(args: list[str], report: Path) -> tuple[float, float, float]:
     if p.returncode:
         raise SystemExit(f"neoxconv {' '.join(args)} failed ({p.returncode}): {err.strip()[-500:]}")
     r = json.loads(report.read_text())
-    return r["seconds"], r["cpu"], max(0, peak - r["start_anon_kb"]) / 1024
+    return r["seconds"], r["cpu"], r["user"], max(0, peak - r["start_anon_kb"]) / 1024
 
 
-def run_cp(src: Path, dst: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of `cp -r src dst`."""
+def run_cp(src: Path, dst: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, user-space CPU seconds) of `cp -r src dst`."""
     t = time.perf_counter()
     p = subprocess.Popen(["cp", "-r", str(src), str(dst)])
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         raise SystemExit(f"cp -r {src} {dst} failed")
-    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime
+    return time.perf_counter() - t, usage.ru_utime + usage.ru_stime, usage.ru_utime
 
 
 def _warm(path: Path) -> None:
@@ -236,23 +237,26 @@ def _warm(path: Path) -> None:
 def measure(name: str, src: Path, work: Path, repeat: int) -> dict:
     source, argv = PATHS[name]
     _warm(src)
-    cps, cp_cpus, secs, cpus, mems, loads = [], [], [], [], [], []
+    cps, cp_cpus, cp_users, secs, cpus, users, mems, loads = [], [], [], [], [], [], [], []
     for _ in range(repeat):
         out = work / "out"
-        w, c = run_cp(src, out)
+        w, c, u = run_cp(src, out)
         cps.append(w)
         cp_cpus.append(c)
+        cp_users.append(u)
         shutil.rmtree(out)
         loads.append(os.getloadavg()[0])
         args = [argv[0], str(src), str(out), *argv[1:]]
-        s, c, m = run_conversion(args, work / "report.json")
+        s, c, u, m = run_conversion(args, work / "report.json")
         shutil.rmtree(out)
         secs.append(s)
         cpus.append(c)
+        users.append(u)
         mems.append(m)
     med = statistics.median
     return {"path": name, "source_bytes": _dir_bytes(src), "cp_s": med(cps), "cp_cpu": med(cp_cpus),
-            "s": med(secs), "cpu": med(cpus), "peak_anon_mib": max(mems), "runs_s": secs, "cp_runs_s": cps,
+            "cp_user": med(cp_users), "s": med(secs), "cpu": med(cpus), "user": med(users),
+            "peak_anon_mib": max(mems), "runs_s": secs, "cp_runs_s": cps,
             "load": loads}
 
 
@@ -353,6 +357,24 @@ def io_primitives(root: Path, layers: int) -> None:
         print(f"  {name} of 256 MiB, one thread: {len(buf) / w / 1e9:.2f} GB/s wall, {len(buf) / c / 1e9:.2f} GB/s CPU")
 
 
+def growth_table(results: dict[int, dict[str, dict]], lo: int, hi: int) -> str:
+    """Markdown: how each path's time grew from lo to hi layers, split into user-space CPU (the
+    conversion's own work: hashing, CRC-32, merges, Python) and all CPU (adds the kernel's copying
+    and page handling), next to the same growth of `cp -r` of its source and of the bytes."""
+    head = (f"| path ({lo}→{hi} layers) | bytes | conversion: wall / CPU / user CPU | "
+            f"`cp -r`: wall / CPU / user CPU | user CPU ÷ bytes |")
+    lines = [head, "|---|---|---|---|---|"]
+    for name in PATHS:
+        if name not in results[lo]:
+            continue
+        a, b = results[lo][name], results[hi][name]
+        grow = b["source_bytes"] / a["source_bytes"]
+        g = lambda k: b[k] / a[k] if a[k] else float("nan")  # noqa: E731
+        lines.append(f"| {name} | {grow:.2f}× | {g('s'):.2f}× / {g('cpu'):.2f}× / {g('user'):.2f}× | "
+                     f"{g('cp_s'):.2f}× / {g('cp_cpu'):.2f}× / {g('cp_user'):.2f}× | {g('user') / grow:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     global HIDDEN
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -390,15 +412,20 @@ def main() -> None:
             for name in a.paths:
                 r = measure(name, srcs[PATHS[name][0]], root, a.repeat)
                 results[layers][name] = r
-                print(f"{layers:>3} layers  {name:<28} {r['s']:7.2f} s (cpu {r['cpu']:6.2f})  "
+                print(f"{layers:>3} layers  {name:<28} {r['s']:7.2f} s (cpu {r['cpu']:6.2f}, user {r['user']:6.2f})  "
                       f"cp -r {r['cp_s']:5.2f} s (cpu {r['cp_cpu']:5.2f})  ratio {r['s'] / r['cp_s']:5.1f}  "
                       f"peak anon {r['peak_anon_mib']:6.0f} MiB  "
                       f"runs {['%.2f' % x for x in r['runs_s']]}  load {['%.1f' % x for x in r['load']]}", flush=True)
+            if not a.keep:  # so that the next depth's checkpoints stay in the page cache
+                shutil.rmtree(root / f"L{layers}", ignore_errors=True)
     finally:
         if not a.keep and a.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     print()
     print(table(results, depths))
+    if len(depths) > 1:
+        print()
+        print(growth_table(results, depths[0], depths[-1]))
     if a.json:
         a.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
 

@@ -102,19 +102,24 @@ def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, con
     return result
 
 
-def scan_source(ckpt) -> None:
+def scan_source(ckpt, progress: Callable[[int, int], None] | None = None) -> None:
     """Read the data a check of the source needs, when no conversion reads it: NeoX replicated
     copies (their drift across TP ranks) and, with --check-finite, every tensor (NaN/Inf).
-    Reading a checkpoint takes headers only; a conversion scans each group as it copies it."""
+    Reading a checkpoint takes headers only; a conversion scans each group as it copies it.
+    ``progress(done, total)``: layer groups scanned."""
     from neoxconv.io import check_finite_enabled
 
+    tick = progress or (lambda _done, _total: None)
     if ckpt.info.get("format") == "neox":
         nf = ckpt.info["files"]
-        for idx in nf.indices:
+        for i, idx in enumerate(nf.indices, 1):
             nf.rank_states(idx)  # drift of the norm copies; NaN/Inf with --check-finite
+            tick(i, len(nf.indices))
     elif check_finite_enabled():
-        for group in ckpt.tensors.groups():
+        groups = list(ckpt.tensors.groups())
+        for i, group in enumerate(groups, 1):
             ckpt.tensors.lazy_group(group)  # the readers scan what they map
+            tick(i, len(groups))
 
 
 def source_warnings(ckpt) -> list[str]:

@@ -33,6 +33,9 @@ from neoxconv.run_steps import HashCache, discover_steps, fingerprint, select_st
 RECORD = "neoxconv-export-run: "
 _RECORD_LINE = re.compile(r"^" + re.escape(RECORD) + r"(\{.*\})\s*$", re.M)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: ``progress(label, done, total, unit)``, unit "bytes" or "layer groups" (neoxconv.cli.progress.Bars)
+Progress = Callable[[str, int, int, str], None]
+BYTES = "bytes"
 MAIN_MODES = ("latest", "none")  # --main: main holds the newest exported step, or is left alone
 
 
@@ -107,9 +110,15 @@ class _Run:
     """One export-run invocation: the loop over steps and what it shares between them."""
 
     def __init__(self, run_dir: Path, steps: dict[int, Path], report: RunReport, *, verify: bool,
-                 say: Callable[[str], None], cache: HashCache, drop_sliding_window: bool = False):
+                 say: Callable[[str], None], cache: HashCache, drop_sliding_window: bool = False,
+                 progress: Progress | None = None):
         self.run_dir, self.steps, self.report, self.verify, self.say, self.cache = run_dir, steps, report, verify, say, cache
         self.drop_sliding_window = drop_sliding_window
+        self.progress = progress or (lambda _label, _done, _total, _unit: None)
+
+    def fingerprint(self, step: int) -> dict:
+        return fingerprint(self.steps[step], self.cache,
+                           lambda done, total: self.progress(f"step {step}: hashing the source", done, total, BYTES))
 
     def card_extras(self, step: int, fp: dict) -> dict:
         tokens, rule = tokens_seen(step_args(self.steps[step]), step)
@@ -125,7 +134,9 @@ class _Run:
         if self.verify:
             from neoxconv.parity import verifier
 
-            check = verifier(self.steps[step], out, to="hf", force=force)
+            check = verifier(self.steps[step], out, to="hf", force=force,
+                             progress=lambda label, done, total: self.progress(
+                                 f"step {step}: parity, forward {label}", done, total, "layer groups"))
 
         def after_write(tmp: Path, result: dict) -> None:
             if check is not None:
@@ -135,8 +146,17 @@ class _Run:
                 rep.parity = f"{parity.get('verdict')} (max |Δ| {parity.get('max_abs_diff', float('nan')):.3g})"
             write_model_card(tmp, {**result["provenance"], **extras}, force=True)
 
+        written = {"done": 0, "total": 0}
+
+        def on_plan(plan, done_files) -> None:
+            written["total"] = plan.data_bytes(skip=done_files)
+
+        def on_bytes(n: int) -> None:
+            written["done"] += n
+            self.progress(f"step {step}: converting", written["done"], written["total"], BYTES)
+
         result = convert(self.steps[step], out, to="hf", src_format="neox", force=force, after_write=after_write,
-                         drop_sliding_window=self.drop_sliding_window)
+                         drop_sliding_window=self.drop_sliding_window, on_plan=on_plan, progress=on_bytes)
         rep.warnings += result.get("warnings", [])
         rep.bytes = _dir_bytes(out)
 
@@ -165,12 +185,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, repo_id: 
                steps: str = "all", branch_template: str = "step{step}", main: str = "latest", verify: bool = False,
                private: bool = False, token: str | None = None, endpoint: str | None = None, dry_run: bool = False,
                on_progress: Callable[[str], None] | None = None, cache: HashCache | None = None,
-               drop_sliding_window: bool = False) -> RunReport:
+               drop_sliding_window: bool = False, progress: Progress | None = None) -> RunReport:
     """Export the steps of the NeoX save dir ``run_dir`` to ``out_dir`` (local) or ``repo_id`` (Hub).
 
     Bad input (no such run, a step that does not exist, a bad template, no token, a rejected
     token) raises NeoxconvError before any step; a step that fails is reported in its
-    StepReport and the others go on.
+    StepReport and the others go on. ``on_progress(message)``: a line per phase of a step;
+    ``progress(label, done, total, unit)``: how far the long phases are (hashing the source and
+    converting: bytes; --verify's forward passes: layer groups).
     """
     if (out_dir is None) == (repo_id is None):
         raise NeoxconvError("export-run: give either OUT_DIR or --push-to-hub REPO_ID (exactly one)")
@@ -183,7 +205,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, repo_id: 
     targets = {s: branch_name(branch_template, s) for s in selected}
     report = RunReport(str(run_dir), str(repo_id or out_dir), "hub" if repo_id else "local", dry_run)
     run = _Run(run_dir, available, report, verify=verify, say=say, cache=cache or HashCache(),
-               drop_sliding_window=drop_sliding_window)
+               drop_sliding_window=drop_sliding_window, progress=progress)
     if repo_id:
         _to_hub(run, selected, targets, repo_id, main=main, private=private, token=token, endpoint=endpoint,
                 dry_run=dry_run)
@@ -196,7 +218,7 @@ def _to_local(run: _Run, selected: list[int], targets: dict[int, str], out_dir: 
     from neoxconv.modelcard import read_provenance
 
     def work(step: int, rep: StepReport) -> None:
-        fp = fingerprint(run.steps[step], run.cache)
+        fp = run.fingerprint(step)
         rep.fingerprint = fp["digest"]
         out = out_dir / targets[step]
         if out.exists():
@@ -235,7 +257,7 @@ def _to_hub(run: _Run, selected: list[int], targets: dict[int, str], repo_id: st
 
     def work(step: int, rep: StepReport) -> None:
         branch = targets[step]
-        fps[step] = fp = fingerprint(run.steps[step], run.cache)
+        fps[step] = fp = run.fingerprint(step)
         rep.fingerprint = fp["digest"]
         if branch in branches and _matches(read_record(client.head_message(branch)), step, fp):
             rep.status = "would skip" if dry_run else "up to date"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from neoxconv.errors import DamagedInput
@@ -23,14 +24,17 @@ from neoxconv.errors import DamagedInput
 NAME = "neoxconv-manifest.json"
 FORMAT = "neoxconv-manifest"
 VERSION = 1
-_BLOCK = 1 << 20
+_BLOCK = 1 << 22
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file; ``on_bytes(n)`` after each block read (progress)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
             h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return h.hexdigest()
 
 
@@ -82,13 +86,22 @@ def read_manifest(file: Path) -> dict:
     return data
 
 
-def check_manifest(file: Path) -> tuple[dict, list[dict], list[str]]:
+def check_manifest(file: Path, progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict], list[str]]:
     """(manifest, problems, unlisted files). Each problem: {"file", "problem"}; every listed file
-    is checked (missing, size, sha256), not just the first bad one."""
+    is checked (missing, size, sha256), not just the first bad one. ``progress(done, total)``:
+    bytes hashed of the listed bytes."""
     file = Path(file)
     root = file.parent
     manifest = read_manifest(file)
     problems: list[dict] = []
+    total, done = sum(int(e.get("size") or 0) for e in manifest["files"].values()), 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
     for rel, want in sorted(manifest["files"].items()):
         p = root / rel
         if ".." in Path(rel).parts or Path(rel).is_absolute():
@@ -98,7 +111,7 @@ def check_manifest(file: Path) -> tuple[dict, list[dict], list[str]]:
         elif p.stat().st_size != want["size"]:
             problems.append({"file": str(p), "problem": f"size {p.stat().st_size} bytes, the manifest says "
                                                         f"{want['size']} (truncated or extended)"})
-        elif (digest := sha256(p)) != want["sha256"]:
+        elif (digest := sha256(p, on_bytes)) != want["sha256"]:
             problems.append({"file": str(p), "problem": f"sha256 {digest[:16]}... differs from the manifest's "
                                                         f"{want['sha256'][:16]}... (contents changed)"})
     unlisted = [p.relative_to(root).as_posix() for p in _files(root)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,13 @@ class Plan:
     @property
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files.values())
+
+    def data_bytes(self, skip: Iterable[str] = ()) -> int:
+        """Tensor bytes `execute` writes, and counts to its `progress`, leaving out the files in
+        `skip` (a resumed run's finished ones)."""
+        skip = set(skip)
+        return sum(math.prod(shape) * dtype.itemsize for rel, f in self.files.items() if rel not in skip
+                   for _, dtype, shape in f.entries)
 
     def finish(self, out: Path) -> dict:
         """Write the small files beside the weights (configs, shard index, ...); the result."""

@@ -16,9 +16,11 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from neoxconv.errors import NeoxconvError
+from neoxconv.manifest import sha256
 
 STEP_DIR = re.compile(r"^global_step(\d+)$")
 
@@ -129,19 +131,20 @@ class HashCache:
         except (OSError, ValueError):
             return {}
 
-    def sha256(self, path: Path) -> str:
+    def sha256(self, path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+        """The file's sha256, from the cache while its size and mtime are unchanged. ``on_bytes(n)``
+        counts the bytes dealt with (a cached file's all at once)."""
         path = Path(path).resolve()
         st = path.stat()
         entry = self.entries.get(str(path))
         if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+            if on_bytes is not None:
+                on_bytes(st.st_size)
             return entry["sha256"]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        self.entries[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+        digest = sha256(path, on_bytes)
+        self.entries[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         self.hashed_bytes += st.st_size
-        return h.hexdigest()
+        return digest
 
     def save(self) -> None:
         """Merge into the file on disk (atomically). The cache only saves time: a cache that
@@ -157,9 +160,19 @@ class HashCache:
             pass
 
 
-def fingerprint(step_dir: Path, cache: HashCache) -> dict:
-    """``{"digest": "sha256:<hex>", "files": {name: {"size", "sha256"}}}`` of a step's sources."""
-    files = {name: {"size": p.stat().st_size, "sha256": cache.sha256(p)} for name, p in source_files(step_dir).items()}
+def fingerprint(step_dir: Path, cache: HashCache, progress: Callable[[int, int], None] | None = None) -> dict:
+    """``{"digest": "sha256:<hex>", "files": {name: {"size", "sha256"}}}`` of a step's sources.
+    ``progress(done, total)``: bytes hashed (or found in the cache) of the sources' bytes."""
+    sources = source_files(step_dir)
+    total, done = sum(p.stat().st_size for p in sources.values()), 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    files = {name: {"size": p.stat().st_size, "sha256": cache.sha256(p, on_bytes)} for name, p in sources.items()}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return {"digest": f"sha256:{digest}", "files": files}
 

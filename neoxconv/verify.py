@@ -23,6 +23,7 @@ finite, plausible number.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,16 +56,20 @@ class VerifyReport:
                 "tensors": self.tensors}
 
 
-def verify(path: Path, config_files: list[Path] | None = None) -> VerifyReport:
+def verify(path: Path, config_files: list[Path] | None = None,
+           progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
+    """``progress(phase, done, total)``: phase "hash" (bytes of the manifest's files hashed), then
+    "scan" (layer groups read and checked)."""
     path = Path(path)
     report = VerifyReport(str(path))
-    _check_manifest(path, report)
+    on = (lambda phase: None) if progress is None else (lambda phase: lambda d, t: progress(phase, d, t))
+    _check_manifest(path, report, on("hash"))
     from neoxconv.io import check_finite_enabled, set_check_finite
 
     before = check_finite_enabled()
     set_check_finite(True)
     try:
-        _check_contents(path, config_files, report)
+        _check_contents(path, config_files, report, on("scan"))
     except DamagedInput as e:
         report.problems.append(str(e))
     except NeoxconvError as e:
@@ -77,7 +82,7 @@ def verify(path: Path, config_files: list[Path] | None = None) -> VerifyReport:
     return report
 
 
-def _check_manifest(path: Path, report: VerifyReport) -> None:
+def _check_manifest(path: Path, report: VerifyReport, progress=None) -> None:
     from neoxconv.manifest import check_manifest, find_manifest
 
     file = find_manifest(path) if path.is_dir() else None
@@ -86,7 +91,7 @@ def _check_manifest(path: Path, report: VerifyReport) -> None:
                             "structure, shapes and finite values are")
         return
     try:
-        manifest, problems, unlisted = check_manifest(file)
+        manifest, problems, unlisted = check_manifest(file, progress)
     except DamagedInput as e:
         report.problems.append(str(e))
         return
@@ -97,7 +102,7 @@ def _check_manifest(path: Path, report: VerifyReport) -> None:
                             f"{', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}")
 
 
-def _check_contents(path: Path, config_files, report: VerifyReport) -> None:
+def _check_contents(path: Path, config_files, report: VerifyReport, progress=None) -> None:
     from neoxconv import graph
     from neoxconv.io import load_pickle
 
@@ -112,7 +117,7 @@ def _check_contents(path: Path, config_files, report: VerifyReport) -> None:
     report.tensors = len(list(ckpt.tensors))
     from neoxconv.convert import scan_source, source_warnings
 
-    scan_source(ckpt)  # every tensor's data: NaN/Inf (and NeoX drift); reading took headers only
+    scan_source(ckpt, progress)  # every tensor's data: NaN/Inf (and NeoX drift); reading took headers only
     if fmt != "neox":
         return
     nf = ckpt.info["files"]

@@ -280,6 +280,38 @@ def test_fingerprint_and_hash_cache(run, tmp_path):
     assert changed["digest"] != first["digest"] and again.hashed_bytes == cfg.stat().st_size
 
 
+def test_progress_of_each_step(run, tmp_path):
+    """export-run reports how far each step's long phases are: the source's bytes hashed (all at
+    once when cached), the bytes converted, --verify's forward passes in layer groups."""
+    events: list[tuple] = []
+
+    def progress(label, done, total, unit):
+        events.append((label, done, total, unit))
+
+    def last(label):
+        seen = [(d, t, u) for lab, d, t, u in events if lab == label]
+        assert seen and [d for d, _, _ in seen] == sorted(d for d, _, _ in seen), (label, events)
+        return seen[-1]
+
+    report = export_run(run, tmp_path / "exports", steps="100", verify=True, progress=progress)
+    assert statuses(report) == {100: "written"}
+    source = sum(f["size"] for f in fingerprint(run / "global_step100", HashCache(tmp_path / "c.json"))["files"].values())
+    assert last("step 100: hashing the source") == (source, source, "bytes")
+    from neoxconv.convert import convert
+
+    planned: dict = {}
+    convert(run / "global_step100", tmp_path / "again", to="hf", on_plan=lambda plan, _: planned.update(plan.summary()))
+    assert last("step 100: converting") == (planned["bytes_copied"] + planned["bytes_computed"],) * 2 + ("bytes",)
+    assert last("step 100: parity, forward A (neox)") == (2 + 3, 2 + 3, "layer groups")
+    assert last("step 100: parity, forward B (hf)")[0] == last("step 100: parity, forward B (hf)")[1]
+
+    events.clear()  # the same step again: up to date, its hashes from the cache, reported at once
+    report = export_run(run, tmp_path / "exports", steps="100", progress=progress)
+    assert statuses(report) == {100: "up to date"}
+    hashed = [e for e in events if e[0] == "step 100: hashing the source"]
+    assert hashed[-1][1:3] == (source, source) and not any("converting" in e[0] for e in events)
+
+
 def test_tokens_seen_rules():
     assert tokens_seen({"seq_length": 2048, "train_batch_size": 1024}, 1000) == (
         1000 * 1024 * 2048, "step × train_batch_size 1024 × seq_length 2048")

@@ -12,9 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -144,8 +142,9 @@ def test_json_result_and_progress_bytes(pristine, reference, tmp_path):
 
     seen, planned = [], {}
     convert_fn(pristine["neox"], tmp_path / "again", to="neox", tp=4, progress=seen.append,
-               on_plan=lambda plan, done: planned.update(plan.summary()))
+               on_plan=lambda plan, done: planned.update(plan.summary(), data_bytes=plan.data_bytes(done)))
     assert sum(seen) == planned["bytes_copied"] + planned["bytes_computed"] > 0
+    assert sum(seen) == planned["data_bytes"]  # the bar's total: it ends at 100%
 
 
 # -- --resume ---------------------------------------------------------------------------------------
@@ -239,27 +238,3 @@ def test_resume_after_the_process_was_killed(pristine, reference, tmp_path):
     assert files_of(out) == files_of(reference["neox-tp2-to-tp4-pipeline"])
 
 
-def test_progress_bar_on_a_terminal(monkeypatch):
-    """On a terminal the conversions' bar shows bytes written of the total, bytes/s and the time
-    left; with --json (quiet) it is off (without a terminal too: the other tests see no bar)."""
-    import io
-
-    from neoxconv.cli.app import console
-    from neoxconv.cli.conversions import _progress
-
-    buf = io.StringIO()
-    monkeypatch.setattr(console, "_force_terminal", True)
-    monkeypatch.setattr(console, "_file", buf)
-    monkeypatch.setattr(console, "is_interactive", True)
-    prog, step = _progress(8_000_000, "hf → neox", quiet=False)
-    prog.start()
-    step(1_000_000)
-    time.sleep(0.2)  # the speed needs two samples apart in time
-    step(1_000_000)
-    prog.refresh()
-    text = buf.getvalue()
-    prog.stop()
-    assert "hf → neox" in text and "2.0/8.0 MB" in text, text
-    assert re.search(r"\d [kMG]?B/s", text) and re.search(r"\d:\d\d:\d\d", text), text  # speed, time left
-    quiet, _ = _progress(8_000_000, "hf → neox", quiet=True)
-    assert quiet.disable

@@ -51,14 +51,23 @@ def parity_cmd(
     from neoxconv.io import set_trust_pickle
     from neoxconv.parity import render_report, run_parity, save_report
 
+    import os
+
+    from neoxconv.cli.progress import Bars
+
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     set_trust_pickle(trust_pickle)
-    report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype.value, device=device,
-                        atol=atol, rtol=rtol, config_files=config, config_files_b=config_b, arch=family_of(arch),
-                        qkv_layout=value_of(qkv_layout), qkv_layout_b=value_of(qkv_layout_b),
-                        replicated=replicated.value, window_dropped=window_dropped)
-    import os
+    bars = Bars("layer groups", quiet=(json_out is not None and str(json_out) == "-")
+                or int(os.environ.get("RANK", "0")) != 0)
+    try:
+        report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype.value,
+                            device=device, atol=atol, rtol=rtol, config_files=config, config_files_b=config_b,
+                            arch=family_of(arch), qkv_layout=value_of(qkv_layout),
+                            qkv_layout_b=value_of(qkv_layout_b), replicated=replicated.value,
+                            window_dropped=window_dropped, progress=bars)
+    finally:
+        bars.stop()
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the report; rank 0 speaks
         raise typer.Exit(0 if report.passed else 1)
@@ -143,11 +152,18 @@ def verify_cmd(
     """Check a checkpoint on disk: files present and readable, headers, shapes across ranks and against the config,
     finite values, and the sha256 of every file where neoxconv wrote a manifest. Exit 0 sound, 1 damaged,
     2 unreadable."""
+    from neoxconv.cli.progress import BYTES, Bars
     from neoxconv.io import set_trust_pickle
     from neoxconv.verify import render, verify
 
     set_trust_pickle(trust_pickle)
-    report = verify(path, config_files=config)
+    bars = Bars("layer groups", quiet=as_json)
+    units = {"hash": ("hashing (sha256)", BYTES), "scan": ("reading, checking values", "layer groups")}
+    try:
+        report = verify(path, config_files=config,
+                        progress=lambda phase, done, total: bars(units[phase][0], done, total, units[phase][1]))
+    finally:
+        bars.stop()
     if as_json:
         import json
 

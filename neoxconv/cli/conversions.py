@@ -15,51 +15,42 @@ from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DropWindo
                                   VocabMultipleOpt, WorkersOpt, family_of)
 
 
-def _progress(total: int, what: str, quiet: bool):
-    """A rich progress bar over the bytes to write, with their speed and the time left (off with
-    --json and when stderr is not a terminal)."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    prog = Progress(TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                    console=console, transient=True, disable=quiet or not console.is_terminal)
-    task = prog.add_task("", total=total)
-    return prog, lambda n: prog.update(task, advance=n)
-
-
 def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False,
                     check_finite: bool = False, as_json: bool = False, **kw) -> dict:
+    from neoxconv.cli.progress import Bar, Bars
     from neoxconv.convert import convert
     from neoxconv.io import set_check_finite, set_trust_pickle
 
     set_trust_pickle(trust_pickle)
     set_check_finite(check_finite)
     holder: dict = {}
+    bars = Bars("layer groups", quiet=as_json)
     if verify and not kw.get("dry_run"):  # parity of the finished temp dir against the source, before it lands at OUT
         from neoxconv.parity import verifier
 
         check = verifier(src, out, to=to, config_files=kw.get("config_files"), family=kw.get("family"),
-                         qkv_layout=kw.get("qkv_layout"), force=kw.get("force", False), console=console)
+                         qkv_layout=kw.get("qkv_layout"), force=kw.get("force", False), console=console,
+                         progress=bars)
 
         def after_write(tmp: Path, result: dict) -> None:
-            if "prog" in holder:
-                holder["prog"].stop()
+            if "bar" in holder:
+                holder["bar"].stop()
             console.print("verifying: logit parity of the output against the source (fp32) ...")
             check(tmp, result)
 
         kw["after_write"] = after_write
 
     def on_plan(plan, done) -> None:
-        total = sum(f.nbytes for rel, f in plan.files.items() if rel not in done)
-        holder["prog"], holder["step"] = _progress(total, f"{holder['format']} → {to}", as_json)
-        holder["prog"].start()
+        total = plan.data_bytes(skip=done)
+        holder["bar"] = Bar(f"{holder['format']} → {to}", total, quiet=as_json).start()
 
     try:
         result = convert(src, out, to=to, on_read=lambda ckpt: holder.update(format=ckpt.info["format"]),
-                         on_plan=on_plan, progress=lambda n: holder["step"](n), **kw)
+                         on_plan=on_plan, progress=lambda n: holder["bar"].advance(n), **kw)
     finally:
-        if "prog" in holder:
-            holder["prog"].stop()
+        if "bar" in holder:
+            holder["bar"].stop()
+        bars.stop()
     for warning in result.get("warnings", []):
         text = warning if warning.startswith("WARNING") else f"WARNING: {warning}"
         from rich.markup import escape

@@ -62,6 +62,7 @@ def export_run_cmd(
     from rich.markup import escape
     from transformers.utils import logging as hf_logging
 
+    from neoxconv.cli.progress import BYTES, Bars
     from neoxconv.export_run import export_run, render_report
     from neoxconv.io import set_trust_pickle
 
@@ -72,10 +73,14 @@ def export_run_cmd(
 
         disable_progress_bars()
     set_trust_pickle(trust_pickle)
-    report = export_run(run_dir, out_dir, push_to_hub, steps=steps, branch_template=branch_template, main=main.value,
-                        verify=verify, private=private, token=token, endpoint=endpoint, dry_run=dry_run,
-                        drop_sliding_window=drop_sliding_window,
-                        on_progress=None if as_json else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
+    bars = Bars(BYTES, quiet=as_json)
+    try:
+        report = export_run(run_dir, out_dir, push_to_hub, steps=steps, branch_template=branch_template,
+                            main=main.value, verify=verify, private=private, token=token, endpoint=endpoint,
+                            dry_run=dry_run, drop_sliding_window=drop_sliding_window, progress=bars,
+                            on_progress=None if as_json else lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
+    finally:
+        bars.stop()
     if as_json:
         import json
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -123,7 +124,8 @@ def _window_length(a: Side, b: Side, notes: list[str]) -> int:
 def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: str | None = None,
                dtype: str = "fp32", device: str = "cpu", atol: float | None = None, rtol: float | None = None,
                config_files=None, config_files_b=None, arch: str | None = None, qkv_layout: str | None = None,
-               qkv_layout_b: str | None = None, replicated: str = "own", window_dropped: bool = False) -> ParityReport:
+               qkv_layout_b: str | None = None, replicated: str = "own", window_dropped: bool = False,
+               progress: Callable[[str, int, int], None] | None = None) -> ParityReport:
     """Compare checkpoint ``b`` (candidate) with ``a`` (reference) on one token batch.
 
     ``config_files`` are NeoX YAMLs for A (default: A's own configs/), ``config_files_b`` for B;
@@ -132,7 +134,8 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
     NeoX -> NeoX layout migration has different layouts on the two sides). Verdict "fail" if the
     logits differ beyond tolerance OR a numerics config field differs (``info["reasons"]`` lists
     why; ``info["logits_verdict"]`` is the logits alone). ``window_dropped``: B is A without A's
-    sliding window; the batch is cut to the window's length (see the module doc).
+    sliding window; the batch is cut to the window's length (see the module doc). ``progress(label,
+    done, total)``: layer groups run of each side's forward ("A (neox)", then "B (hf)").
     """
     if tokens < 1 or batch < 1:
         raise NeoxconvError("--tokens and --batch must be at least 1")
@@ -170,8 +173,11 @@ def run_parity(a, b, *, tokens: int = 64, batch: int = 2, seed: int = 0, text: s
             atol, rtol = default_tolerance(stored)
             notes.append(f"weights are stored as {side_a.spec.dtype} (A) and {side_b.spec.dtype} (B): rounding them is "
                          f"a {stored}-level change even in fp32 compute, so the {stored} tolerances are used")
-    logits_a = side_a.logits(ids, dt, dev, replicated)
-    logits_b = side_b.logits(ids, dt, dev, replicated)
+    def on(label: str, side: Side):
+        return None if progress is None else lambda done, total: progress(f"{label} ({side.fmt})", done, total)
+
+    logits_a = side_a.logits(ids, dt, dev, replicated, on("A", side_a))
+    logits_b = side_b.logits(ids, dt, dev, replicated, on("B", side_b))
     diffs = _config_differences(side_a, side_b, ("sliding_window",) if window_dropped else ())
     backend = (f"torch.distributed ({os.environ['WORLD_SIZE']} processes)" if launched_by_torchrun()
                else "simulated ranks (one process)")

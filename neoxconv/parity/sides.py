@@ -16,6 +16,7 @@ Every forward streams one layer group at a time (docs/parity.md, "Memory").
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,10 @@ from neoxconv.reference import (
 )
 from neoxconv.reference.ranks import DistributedGroup, RankGroup
 
-__all__ = ["NUMERIC_FIELDS", "Side", "launched_by_torchrun", "open_side", "rank_group"]
+__all__ = ["NUMERIC_FIELDS", "Progress", "Side", "launched_by_torchrun", "open_side", "rank_group"]
+
+#: ``progress(done, total)``: layer groups run so far of a forward pass
+Progress = Callable[[int, int], None]
 
 #: ModelSpec fields that change the numerics without changing any tensor shape (`local_layers`:
 #: global and flash layers compute the same, local ones do not).
@@ -86,14 +90,16 @@ class Side:
     def layout_summary(self) -> dict[str, Any]:
         return {k: self.info[k] for k in ("layout", "tp", "pp", "qkv_layout") if self.info.get(k) is not None}
 
-    def logits(self, tokens: torch.Tensor, dtype: torch.dtype, device: torch.device, replicated: str) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, dtype: torch.dtype, device: torch.device, replicated: str,
+               progress: Progress | None = None) -> torch.Tensor:
+        """Logits [b, s, vocab] in fp32; ``progress(done, total)`` as layer groups are run."""
         raise NotImplementedError
 
 
 class HFSide(Side):
     fmt = "hf"
 
-    def logits(self, tokens, dtype, device, replicated):
+    def logits(self, tokens, dtype, device, replicated, progress=None):
         custom = self.spec.family == "custom"
         if custom:
             from neoxconv.custom.export import TEMPLATE_FILES, is_neoxconv_code
@@ -101,16 +107,16 @@ class HFSide(Side):
             if not is_neoxconv_code(self.path):
                 raise NeoxconvError(f"{self.path}: its {' / '.join(TEMPLATE_FILES)} differ from the code this neoxconv "
                                     "writes; parity would have to run foreign code, so it is not run")
-        return hf_logits(self.path, tokens, dtype, device, trust_remote_code=custom).cpu()
+        return hf_logits(self.path, tokens, dtype, device, trust_remote_code=custom, progress=progress).cpu()
 
 
 class MetaSide(Side):
     fmt = "meta"
 
-    def logits(self, tokens, dtype, device, replicated):
+    def logits(self, tokens, dtype, device, replicated, progress=None):
         shards, params = open_meta(self.path)
         return meta_reference_logits(shards, params, tokens, group=SimulatedGroup(len(shards), device),
-                                     dtype=dtype).cpu()
+                                     dtype=dtype, progress=progress).cpu()
 
 
 class NeoxSide(Side):
@@ -124,10 +130,10 @@ class NeoxSide(Side):
         src = self.source
         return {"layout": src.files.layout, "tp": src.tp, "pp": src.files.pp, "qkv_layout": src.qkv_layout}
 
-    def logits(self, tokens, dtype, device, replicated):
+    def logits(self, tokens, dtype, device, replicated, progress=None):
         src = self.source
         sem = NeoxSemantics.from_args(src.args, src.qkv_layout, src.num_layers)
-        watch = _DriftWatch(src, sem.gpt_j_residual)
+        watch = _DriftWatch(src, sem.gpt_j_residual, progress)
         out = neox_reference_logits(watch, tokens, group=rank_group(src.tp, device), dtype=dtype,
                                     replicated=replicated).cpu()
         if watch.max_drift > 0:
@@ -149,14 +155,19 @@ class NeoxSide(Side):
 class _DriftWatch:
     """The NeoX source handed to the reference, measuring how far replicated copies differ."""
 
-    def __init__(self, source: NeoxCheckpoint, gpt_j: bool):
+    def __init__(self, source: NeoxCheckpoint, gpt_j: bool, progress: Progress | None = None):
         self.source, self.gpt_j = source, gpt_j
         self.tp, self.num_layers, self.args = source.tp, source.num_layers, source.args
         self.qkv_layout = source.qkv_layout
         self.max_drift, self.drifted = 0.0, 0
+        self.progress, self.fetched = progress, 0
 
     def rank_states(self, idx: int) -> list[dict[str, torch.Tensor] | None]:
         states = self.source.rank_states(idx)
+        if self.progress is not None:  # the forward fetches the embedding, each layer, the final norm, the head
+            total = self.num_layers + 3
+            self.fetched += 1
+            self.progress(min(self.fetched, total), total)
         held = [st for st in states if st is not None]
         for k in held[0]:
             if k.startswith(_NORM_PREFIXES) or (k in _ROW_BIASES and not self.gpt_j):

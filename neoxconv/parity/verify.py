@@ -33,7 +33,8 @@ def check_verify_target(out: Path) -> None:
 
 
 def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | None = None,
-             qkv_layout: str | None = None, force: bool = False, console=None) -> Callable[[Path, dict], None]:
+             qkv_layout: str | None = None, force: bool = False, console=None,
+             progress: Callable[[str, int, int], None] | None = None) -> Callable[[Path, dict], None]:
     """The ``after_write`` hook of ``--verify``: parity between ``src`` and the finished temp dir.
 
     ``qkv_layout`` is the conversion's ``--qkv-layout``: the SOURCE's layout (side A) when the
@@ -45,7 +46,7 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
     Fail: the report is written inside the output, the output is renamed to
     ``OUT.parity-failed`` (replacing an earlier one), nothing is written to ``out``: an existing
     ``out`` (that --force was to replace) is left untouched, and :class:`ParityFailure` (exit 1)
-    is raised.
+    is raised. ``progress``: as in :func:`run_parity`.
     """
     check_verify_target(out)
 
@@ -60,7 +61,9 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
         src_layout = qkv_layout if graph.detect(Path(src)) == "neox" else None
         # --drop-sliding-window: compared within the window's length, where nothing changed.
         report = run_parity(src, tmp, config_files=config_files, arch=family, qkv_layout=src_layout,
-                            replicated="mean", window_dropped=bool(result.get("dropped_window")))
+                            replicated="mean", window_dropped=bool(result.get("dropped_window")), progress=progress)
+        if hasattr(progress, "stop"):  # a bar on the terminal: gone before the report is printed
+            progress.stop()
         failed = failed_dir(out)
         report.info["b"]["path"] = str(out if report.passed else failed)
         save_report(report, tmp / REPORT_NAME)

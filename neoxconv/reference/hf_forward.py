@@ -53,10 +53,11 @@ def hf_model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def hf_logits(model_dir: str | os.PathLike, tokens: torch.Tensor, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", attn_implementation: str = "eager",
-              trust_remote_code: bool = False) -> torch.Tensor:
+              trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """fp32 logits [b, s, vocab] of the HF model stored in ``model_dir``, computed in ``dtype`` on
     ``device`` one layer group at a time (see the module docs). ``trust_remote_code``: the model
-    class comes from the directory's own code (``auto_map``; the caller decides it may run)."""
+    class comes from the directory's own code (``auto_map``; the caller decides it may run).
+    ``progress(done, total)`` is called as each layer group starts."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir, device = Path(model_dir), torch.device(device)
@@ -71,7 +72,7 @@ def hf_logits(model_dir: str | os.PathLike, tokens: torch.Tensor, dtype: torch.d
                 module._buffers[name] = buf.to(device)
     with _WeightFiles(model_dir) as files:
         keys = _checkpoint_keys(model, files.keys(), model_dir)
-        loaded = _stream_groups(model, lambda name, like: files.get(keys[name]).to(device, like.dtype))
+        loaded = _stream_groups(model, lambda name, like: files.get(keys[name]).to(device, like.dtype), progress)
         with torch.no_grad():
             logits = model(input_ids=tokens.to(device), use_cache=False).logits.float()
     if not all(loaded.values()):
@@ -184,7 +185,8 @@ def _checkpoint_keys(model: nn.Module, keys: list[str], where: Path) -> dict[str
     return out
 
 
-def _stream_groups(model: nn.Module, load: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, int]:
+def _stream_groups(model: nn.Module, load: Callable[[str, torch.Tensor], torch.Tensor],
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Hooks that load each layer group's parameters before it runs and drop them after.
 
     Groups: every decoder layer (the ``nn.ModuleList`` of ``num_hidden_layers`` modules), and
@@ -208,6 +210,8 @@ def _stream_groups(model: nn.Module, load: Callable[[str, torch.Tensor], torch.T
 
         def pre(_module, _args, slots=slots, name=name):
             ran[name] += 1
+            if progress is not None:
+                progress(sum(1 for n in ran.values() if n), len(ran))
             for owner, attr, full in slots:
                 like = owner._parameters[attr]
                 owner._parameters[attr] = nn.Parameter(load(full, like), requires_grad=False)

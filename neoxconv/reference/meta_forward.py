@@ -25,7 +25,7 @@ Returns fp32 logits [b, s, V] (V = rows of ``output`` over all shards).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +101,11 @@ def meta_reference_logits(
     *,
     group: RankGroup | None = None,
     dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Logits of a Meta raw Llama checkpoint: ``shards[i]`` = ``consolidated.{i:02d}.pth`` dict,
-    ``params`` = ``params.json``. ``dtype``: compute dtype (default: stored)."""
+    ``params`` = ``params.json``. ``dtype``: compute dtype (default: stored). ``progress(done,
+    total)`` is called after the embedding, each layer and the head."""
     if params.get("use_scaled_rope"):
         raise UnsupportedNeoxFeature("Llama-3.1 scaled rope is not implemented by the reference forward")
     p = len(shards)
@@ -135,7 +137,9 @@ def meta_reference_logits(
     tokens = tokens.to(group.device)
 
     with torch.no_grad():
+        tick = progress or (lambda _done, _total: None)
         xs = _embed(group, tokens, cast("tok_embeddings.weight"), split, starts)
+        tick(1, n_layers + 2)
         for i in range(n_layers):
             pre = f"layers.{i}."
             names = [k for k in local[0] if k.startswith(pre)]
@@ -161,6 +165,8 @@ def meta_reference_logits(
                 parts.append(F.linear(gate * up, st[pre + "feed_forward.w2.weight"]))
             xs = [h + y for h, y in zip(hs, group.all_reduce_sum(parts))]
             del layer
+            tick(i + 2, n_layers + 2)
         normed = group.copy_to_ranks([_rms(x, w, eps) for x, w in zip(xs, cast("norm.weight"))])
         logits = group.all_gather_cat([F.linear(h, w) for h, w in zip(normed, cast("output.weight"))], dim=-1)
+        tick(n_layers + 2, n_layers + 2)
     return logits.float()
