@@ -22,8 +22,11 @@ Paths: neox-to-hf from both layouts, hf-to-neox --tp 4 in both layouts, NeoX -> 
   after the imports (torch, transformers, neoxconv's modules: what `neoxconv` pays at start
   whatever the work) to the end of the command, i.e. seconds beyond interpreter start; `cp -r`
   of the path's source is timed as a process (its start costs milliseconds). CPU seconds are the
-  steadier figure on a loaded shared machine. Each is the median of --repeat runs, cp and conversion alternating,
-  sources read once before (page cache warm), outputs deleted between runs;
+  steadier figure on a loaded shared machine; the user-space part of it (hashing, CRC-32, merges,
+  Python: the conversion's own work, without the kernel's copying and page handling) is reported
+  too. Each is the median of --repeat runs, cp and conversion alternating, sources read once before
+  (page cache warm), outputs deleted between runs. Without --keep each source is built just before
+  its paths are measured and deleted after, so that the page cache holds only it and the outputs;
 - memory: RssAnon of the process (memory it owns: heap, tensors; not the page cache of mapped
   checkpoint files, which the kernel may drop at any time) sampled every 5 ms from outside; the
   figure is the peak minus RssAnon right after the imports. VmHWM is not used: it counts mapped
@@ -52,6 +55,7 @@ NEOX = dict(vocab=50304, heads=16, ff=4 * HIDDEN)
 LLAMA = dict(vocab=32000, heads=16, ff=5632)
 SHARD = 2 * 10**9
 
+SOURCES = ("hf", "neox-pipeline", "neox-sequential", "llama-hf")  # built and measured in this order
 PATHS = {  # name -> (source, neoxconv arguments after SRC OUT)
     "neox-to-hf-pipeline": ("neox-pipeline", ["neox-to-hf"]),
     "neox-to-hf-sequential": ("neox-sequential", ["neox-to-hf"]),
@@ -406,17 +410,23 @@ def main() -> None:
     results: dict[int, dict[str, dict]] = {}
     try:
         for layers in depths:
-            srcs = build(root, layers, {PATHS[p][0] for p in a.paths} | (
-                {"hf"} if any(PATHS[p][0].startswith("neox") for p in a.paths) else set()))
             results[layers] = {}
-            for name in a.paths:
-                r = measure(name, srcs[PATHS[name][0]], root, a.repeat)
-                results[layers][name] = r
-                print(f"{layers:>3} layers  {name:<28} {r['s']:7.2f} s (cpu {r['cpu']:6.2f}, user {r['user']:6.2f})  "
-                      f"cp -r {r['cp_s']:5.2f} s (cpu {r['cp_cpu']:5.2f})  ratio {r['s'] / r['cp_s']:5.1f}  "
-                      f"peak anon {r['peak_anon_mib']:6.0f} MiB  "
-                      f"runs {['%.2f' % x for x in r['runs_s']]}  load {['%.1f' % x for x in r['load']]}", flush=True)
-            if not a.keep:  # so that the next depth's checkpoints stay in the page cache
+            wanted = [src for src in SOURCES if any(PATHS[p][0] == src for p in a.paths)]
+            for i, source in enumerate(wanted):
+                srcs = build(root, layers, {source})
+                if not a.keep:  # only this source in the page cache (hf stays while NeoX sources are made from it)
+                    later_neox = any(w.startswith("neox") for w in wanted[i + 1:])
+                    for other in SOURCES:
+                        if other != source and not (other == "hf" and later_neox):
+                            shutil.rmtree(root / f"L{layers}" / other, ignore_errors=True)
+                for name in (p for p in a.paths if PATHS[p][0] == source):
+                    r = measure(name, srcs[source], root, a.repeat)
+                    results[layers][name] = r
+                    print(f"{layers:>3} layers  {name:<28} {r['s']:7.2f} s (cpu {r['cpu']:6.2f}, user {r['user']:6.2f})  "
+                          f"cp -r {r['cp_s']:5.2f} s (cpu {r['cp_cpu']:5.2f})  ratio {r['s'] / r['cp_s']:5.1f}  "
+                          f"peak anon {r['peak_anon_mib']:6.0f} MiB  "
+                          f"runs {['%.2f' % x for x in r['runs_s']]}  load {['%.1f' % x for x in r['load']]}", flush=True)
+            if not a.keep:
                 shutil.rmtree(root / f"L{layers}", ignore_errors=True)
     finally:
         if not a.keep and a.dir is None:
