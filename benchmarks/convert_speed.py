@@ -308,8 +308,9 @@ def table(results: dict[int, dict[str, dict]], depths: list[int]) -> str:
 
 def io_primitives(root: Path, layers: int) -> None:
     """What the I/O layer (neoxconv.ptio) costs here, on the built checkpoints at one depth:
-    indexing vs unpickling an mp_rank file, rewriting files by copy_file_range vs torch.save, and
-    hashing throughput (the manifest's sha256, the zip records' CRC-32)."""
+    indexing vs unpickling an mp_rank file, rewriting files by copy_file_range vs torch.save,
+    writing computed tensors in one call vs in pieces, and hashing throughput (the manifest's
+    sha256, the zip records' CRC-32)."""
     import hashlib
     import resource
     import zlib
@@ -355,6 +356,25 @@ def io_primitives(root: Path, layers: int) -> None:
         print(f"  rewrite {len(files)} layer files, {nbytes / 1e9:.2f} GB: {label:<40} {w:.2f} / {c:.2f} "
               f"({nbytes / w / 1e9:.2f} GB/s)")
     shutil.rmtree(out, ignore_errors=True)
+    from neoxconv.ptio.ranges import pwrite_all
+
+    def write(whole: bool) -> None:  # 16 computed tensors of 64 MiB (1 GiB)
+        fd = os.open(root / "io-pwrite.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            for i in range(16):
+                tensor = torch.full((64 << 20,), i, dtype=torch.uint8)
+                data, at = memoryview(tensor.numpy()), i * tensor.numel()
+                if whole:
+                    os.pwrite(fd, data, at)
+                else:
+                    pwrite_all(fd, data, at)
+        finally:
+            os.close(fd)
+            os.unlink(root / "io-pwrite.bin")
+
+    for whole, label in ((True, "one os.pwrite per 64 MiB tensor"), (False, "ptio pwrite_all (1 MiB calls)")):
+        w, c = clock(lambda whole=whole: write(whole))
+        print(f"  write 1 GiB from memory: {label:<40} {w:.2f} / {c:.2f}")
     buf = os.urandom(256 << 20)
     for name, fn in (("sha256", lambda: hashlib.sha256(buf).digest()), ("crc32", lambda: zlib.crc32(buf))):
         w, c = clock(fn)

@@ -59,6 +59,13 @@ def test_phase_bars_count_in_their_unit(terminal):
     bars.bar.progress.refresh()
     assert bars.bar is not first and not first.progress.live.is_started
     text = terminal.getvalue()
+    hashing = bars.bar
+    bars("hashing", 4_000_000, 4_000_000)  # done: the bar goes, later calls of the phase change nothing
+    assert bars.bar is None and not hashing.progress.live.is_started
+    bars("hashing", 4_000_000, 4_000_000)
+    assert bars.bar is None
+    bars("B (hf)", 1, 5)
+    assert bars.bar is not None and bars.bar.progress.live.is_started
     bars.stop()
     assert re.search(r"A \(neox\).*3/5 layer groups", text), text
     assert "hashing" in text and "2.0/4.0 MB" in text, text

@@ -52,7 +52,8 @@ class Bar:
 class Bars:
     """One bar at a time for a sequence of labelled phases reporting ``(label, done, total)``
     (parity's two forward passes; hashing, then scanning): a new label stops the previous bar
-    and starts its own, counting in ``unit`` (the default given here, or the call's)."""
+    and starts its own, counting in ``unit`` (the default given here, or the call's); a phase
+    that reaches its total is finished and its bar goes (so a report printed next stands alone)."""
 
     def __init__(self, unit: str, quiet: bool):
         self.unit, self.quiet = unit, quiet
@@ -63,7 +64,12 @@ class Bars:
         if label != self.label:
             self.stop()
             self.label, self.bar = label, Bar(label, total, unit=unit or self.unit, quiet=self.quiet).start()
+        if self.bar is None:  # this phase is finished
+            return
         self.bar.update(done, total)
+        if total and done >= total:
+            self.bar.stop()
+            self.bar = None
 
     def stop(self) -> None:
         if self.bar is not None:

@@ -62,8 +62,6 @@ def verifier(src: Path, out: Path, *, to: str, config_files=None, family: str | 
         # --drop-sliding-window: compared within the window's length, where nothing changed.
         report = run_parity(src, tmp, config_files=config_files, arch=family, qkv_layout=src_layout,
                             replicated="mean", window_dropped=bool(result.get("dropped_window")), progress=progress)
-        if hasattr(progress, "stop"):  # a bar on the terminal: gone before the report is printed
-            progress.stop()
         failed = failed_dir(out)
         report.info["b"]["path"] = str(out if report.passed else failed)
         save_report(report, tmp / REPORT_NAME)

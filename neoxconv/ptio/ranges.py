@@ -27,6 +27,11 @@ import torch
 from neoxconv.ptio.index import TensorRecord
 
 CHUNK = 8 << 20
+# Writes from memory go in calls of 1 MiB: on the project machine (Linux 6.18, ext4, a VM) one
+# pwrite of 8 MiB or more from a freshly computed tensor cost 10-30x the CPU of the same bytes
+# in 1 MiB calls (1.34 GB of merged matrices: 4-13 s vs 0.45 s), 128 KiB calls no less than 1 MiB.
+# benchmarks/convert_speed.py --io-primitives measures it.
+WRITE_PIECE = 1 << 20
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
@@ -107,11 +112,11 @@ def _pread_into(fd: int, offset: int, buf: memoryview) -> None:
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
-    """os.pwrite until everything is written (one call writes at most ~2 GiB on Linux)."""
+    """os.pwrite until everything is written, in calls of at most WRITE_PIECE bytes."""
     mv = memoryview(data).cast("B")
     done = 0
     while done < len(mv):
-        done += os.pwrite(fd, mv[done:done + (1 << 30)], offset + done)
+        done += os.pwrite(fd, mv[done:done + WRITE_PIECE], offset + done)
 
 
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int, kernel: bool = True) -> str:
