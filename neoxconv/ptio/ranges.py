@@ -9,9 +9,10 @@
   kernel; no user-space copy at all), falling back to `os.pread`/`os.pwrite` in 8 MiB chunks where
   the file systems refuse. (`sendfile` writes at the destination's file position, which
   concurrent writers to one file share, so positional reads and writes are the safe fallback.)
-- `crc32_range(...)`: the CRC-32 a zip record needs, over a mapped range (zlib releases the GIL).
+- `crc32(...)`: the CRC-32 a zip record needs (zlib-ng's: 3x zlib's speed with the CPU's
+  carry-less multiply; the same checksum).
 
-All of these release the GIL in the kernel or in zlib, so worker threads overlap.
+All of these release the GIL in the kernel or in zlib-ng, so worker threads overlap.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import zlib
 from pathlib import Path
 
 import torch
+from zlib_ng import zlib_ng
 
 from neoxconv.ptio.index import TensorRecord
 
@@ -72,8 +73,8 @@ class MappedFile:
 
 
 def crc32(data, start: int = 0) -> int:
-    """CRC-32 (zip's) of a bytes-like object, continuing from `start`. zlib releases the GIL."""
-    return zlib.crc32(data, start)
+    """CRC-32 (zip's, zlib's) of a bytes-like object, continuing from `start`; the GIL is released."""
+    return zlib_ng.crc32(data, start)
 
 
 def read_tensor(fd: int, rec: TensorRecord, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,7 +26,6 @@ from collections.abc import Callable
 import os
 import pickle
 import threading
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,7 +323,7 @@ class PtWriter(PositionalOutput):
     def _put(self, index: int, data: bytes) -> None:
         """A small record (pickle, format records, version, id), written whole."""
         entry = self._entries[index]
-        crc = zlib.crc32(data)
+        crc = crc32(data)
         self._pwrite(entry.header + data + entry.descriptor(crc), entry.header_offset)
         self._small[index] = (crc, _descriptor_words(entry, data[:8], crc))
 
