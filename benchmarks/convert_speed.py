@@ -6,8 +6,8 @@ whether time grows linearly with depth.
                                        [--dir DIR] [--keep] [--json FILE]
     python benchmarks/convert_speed.py --io-primitives --dir DIR [--layers 32]
 
-Checkpoints (random fp16 weights, hidden 2048, made in DIR, default a temp dir; ~25 GB of disk at
-8 + 32 layers, checked first):
+Checkpoints (random fp16 weights, hidden 2048, made in DIR, default a temp dir; ~12 GB of disk at
+8 + 32 layers, ~25 GB with --keep, checked first):
 
 - `hf/`: GPT-NeoX-shaped HF model (vocab 50304, 16 heads, MLP 4x, untied head, 2 GB shards);
 - `neox-pipeline/`, `neox-sequential/`: the same at TP 2 in both NeoX layouts (made by
@@ -386,16 +386,17 @@ def growth_table(results: dict[int, dict[str, dict]], lo: int, hi: int) -> str:
     conversion's own work: hashing, CRC-32, merges, Python) and all CPU (adds the kernel's copying
     and page handling), next to the same growth of `cp -r` of its source and of the bytes."""
     head = (f"| path ({lo}→{hi} layers) | bytes | conversion: wall / CPU / user CPU | "
-            f"`cp -r`: wall / CPU / user CPU | user CPU ÷ bytes |")
+            f"`cp -r`: wall / CPU / user CPU | user-CPU growth ÷ bytes growth |")
     lines = [head, "|---|---|---|---|---|"]
     for name in PATHS:
         if name not in results[lo]:
             continue
         a, b = results[lo][name], results[hi][name]
         grow = b["source_bytes"] / a["source_bytes"]
-        g = lambda k: b[k] / a[k] if a[k] else float("nan")  # noqa: E731
-        lines.append(f"| {name} | {grow:.2f}× | {g('s'):.2f}× / {g('cpu'):.2f}× / {g('user'):.2f}× | "
-                     f"{g('cp_s'):.2f}× / {g('cp_cpu'):.2f}× / {g('cp_user'):.2f}× | {g('user') / grow:.2f} |")
+        g = lambda k: f"{b[k] / a[k]:.2f}×" if a[k] else "–"  # noqa: E731 (cp -r's user CPU rounds to 0)
+        ratio = f"{b['user'] / a['user'] / grow:.2f}" if a["user"] else "–"
+        lines.append(f"| {name} | {grow:.2f}× | {g('s')} / {g('cpu')} / {g('user')} | "
+                     f"{g('cp_s')} / {g('cp_cpu')} / {g('cp_user')} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -422,7 +423,8 @@ def main() -> None:
         return
     root = a.dir or Path(tempfile.mkdtemp(prefix="neoxconv-speed-"))
     root.mkdir(parents=True, exist_ok=True)
-    need = sum(4 * _model_bytes(L) for L in a.layers) + 1.3 * _model_bytes(max(a.layers))  # sources + one output
+    biggest = _model_bytes(max(a.layers))  # sources (all kept, or two at a time) + one output
+    need = (sum(4 * _model_bytes(L) for L in a.layers) if a.keep else 2 * biggest) + 1.3 * biggest
     free = shutil.disk_usage(root).free
     if free < need:
         raise SystemExit(f"{root}: needs ~{need / 1e9:.0f} GB free, has {free / 1e9:.0f} GB (use --dir elsewhere)")
