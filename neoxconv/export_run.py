@@ -28,14 +28,14 @@ from typing import Callable
 import neoxconv
 from neoxconv.errors import NeoxconvError, ParityFailure
 from neoxconv.export_check import one_line
+from neoxconv.progress import BYTES, GROUPS, counter
 from neoxconv.run_steps import HashCache, discover_steps, fingerprint, select_steps, step_args, tokens_seen
 
 RECORD = "neoxconv-export-run: "
 _RECORD_LINE = re.compile(r"^" + re.escape(RECORD) + r"(\{.*\})\s*$", re.M)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-#: ``progress(label, done, total, unit)``, unit "bytes" or "layer groups" (neoxconv.cli.progress.Bars)
-Progress = Callable[[str, int, int, str], None]
-BYTES = "bytes"
+#: ``progress(label, done, total, unit)``, unit BYTES or GROUPS (neoxconv.progress)
+PhaseProgress = Callable[[str, int, int, str], None]
 MAIN_MODES = ("latest", "none")  # --main: main holds the newest exported step, or is left alone
 
 
@@ -111,7 +111,7 @@ class _Run:
 
     def __init__(self, run_dir: Path, steps: dict[int, Path], report: RunReport, *, verify: bool,
                  say: Callable[[str], None], cache: HashCache, drop_sliding_window: bool = False,
-                 progress: Progress | None = None):
+                 progress: PhaseProgress | None = None):
         self.run_dir, self.steps, self.report, self.verify, self.say, self.cache = run_dir, steps, report, verify, say, cache
         self.drop_sliding_window = drop_sliding_window
         self.progress = progress or (lambda _label, _done, _total, _unit: None)
@@ -136,7 +136,7 @@ class _Run:
 
             check = verifier(self.steps[step], out, to="hf", force=force,
                              progress=lambda label, done, total: self.progress(
-                                 f"step {step}: parity, forward {label}", done, total, "layer groups"))
+                                 f"step {step}: parity, forward {label}", done, total, GROUPS))
 
         def after_write(tmp: Path, result: dict) -> None:
             if check is not None:
@@ -146,17 +146,15 @@ class _Run:
                 rep.parity = f"{parity.get('verdict')} (max |Δ| {parity.get('max_abs_diff', float('nan')):.3g})"
             write_model_card(tmp, {**result["provenance"], **extras}, force=True)
 
-        written = {"done": 0, "total": 0}
+        written = {}
 
         def on_plan(plan, done_files) -> None:
-            written["total"] = plan.data_bytes(skip=done_files)
-
-        def on_bytes(n: int) -> None:
-            written["done"] += n
-            self.progress(f"step {step}: converting", written["done"], written["total"], BYTES)
+            written["add"] = counter(plan.data_bytes(skip=done_files),
+                                     lambda done, total: self.progress(f"step {step}: converting", done, total, BYTES))
 
         result = convert(self.steps[step], out, to="hf", src_format="neox", force=force, after_write=after_write,
-                         drop_sliding_window=self.drop_sliding_window, on_plan=on_plan, progress=on_bytes)
+                         drop_sliding_window=self.drop_sliding_window, on_plan=on_plan,
+                         progress=lambda n: written["add"](n))
         rep.warnings += result.get("warnings", [])
         rep.bytes = _dir_bytes(out)
 
@@ -185,7 +183,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, repo_id: 
                steps: str = "all", branch_template: str = "step{step}", main: str = "latest", verify: bool = False,
                private: bool = False, token: str | None = None, endpoint: str | None = None, dry_run: bool = False,
                on_progress: Callable[[str], None] | None = None, cache: HashCache | None = None,
-               drop_sliding_window: bool = False, progress: Progress | None = None) -> RunReport:
+               drop_sliding_window: bool = False, progress: PhaseProgress | None = None) -> RunReport:
     """Export the steps of the NeoX save dir ``run_dir`` to ``out_dir`` (local) or ``repo_id`` (Hub).
 
     Bad input (no such run, a step that does not exist, a bad template, no token, a rejected

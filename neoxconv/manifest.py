@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from neoxconv.errors import DamagedInput
+from neoxconv.progress import Progress, counter
 
 NAME = "neoxconv-manifest.json"
 FORMAT = "neoxconv-manifest"
@@ -86,7 +87,7 @@ def read_manifest(file: Path) -> dict:
     return data
 
 
-def check_manifest(file: Path, progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[dict], list[str]]:
+def check_manifest(file: Path, progress: Progress | None = None) -> tuple[dict, list[dict], list[str]]:
     """(manifest, problems, unlisted files). Each problem: {"file", "problem"}; every listed file
     is checked (missing, size, sha256), not just the first bad one. ``progress(done, total)``:
     bytes hashed of the listed bytes."""
@@ -94,13 +95,7 @@ def check_manifest(file: Path, progress: Callable[[int, int], None] | None = Non
     root = file.parent
     manifest = read_manifest(file)
     problems: list[dict] = []
-    total, done = sum(int(e.get("size") or 0) for e in manifest["files"].values()), 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+    on_bytes = counter(sum(int(e.get("size") or 0) for e in manifest["files"].values()), progress)
 
     for rel, want in sorted(manifest["files"].items()):
         p = root / rel

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from neoxconv.errors import NeoxconvError
 from neoxconv.manifest import sha256
+from neoxconv.progress import Progress, counter
 
 STEP_DIR = re.compile(r"^global_step(\d+)$")
 
@@ -160,17 +161,11 @@ class HashCache:
             pass
 
 
-def fingerprint(step_dir: Path, cache: HashCache, progress: Callable[[int, int], None] | None = None) -> dict:
+def fingerprint(step_dir: Path, cache: HashCache, progress: Progress | None = None) -> dict:
     """``{"digest": "sha256:<hex>", "files": {name: {"size", "sha256"}}}`` of a step's sources.
     ``progress(done, total)``: bytes hashed (or found in the cache) of the sources' bytes."""
     sources = source_files(step_dir)
-    total, done = sum(p.stat().st_size for p in sources.values()), 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+    on_bytes = counter(sum(p.stat().st_size for p in sources.values()), progress)
 
     files = {name: {"size": p.stat().st_size, "sha256": cache.sha256(p, on_bytes)} for name, p in sources.items()}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

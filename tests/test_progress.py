@@ -49,9 +49,9 @@ def test_bytes_bar_on_a_terminal(terminal):
 
 def test_phase_bars_count_in_their_unit(terminal):
     """Bars: one bar per label, in the default unit or the call's; a new label replaces the bar."""
-    from neoxconv.cli.progress import BYTES, Bars
+    from neoxconv.cli.progress import BYTES, GROUPS, Bars
 
-    bars = Bars("layer groups", quiet=False)
+    bars = Bars(GROUPS, quiet=False)
     bars("A (neox)", 3, 5)
     bars.bar.progress.refresh()
     first = bars.bar
@@ -70,7 +70,7 @@ def test_phase_bars_count_in_their_unit(terminal):
     assert re.search(r"A \(neox\).*3/5 layer groups", text), text
     assert "hashing" in text and "2.0/4.0 MB" in text, text
     assert bars.bar is None
-    assert Bars("layer groups", quiet=True).quiet
+    assert Bars(GROUPS, quiet=True).quiet
 
 
 def _last(events: list[tuple], label: str) -> tuple[int, int]:

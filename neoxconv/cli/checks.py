@@ -46,19 +46,18 @@ def parity_cmd(
     trust_pickle: TrustOpt = False,
 ) -> None:
     """Compare the logits of two checkpoints (any formats) on one token batch; exit 0 pass, 1 fail, 2 bad input."""
-    from transformers.utils import logging as hf_logging
-
-    from neoxconv.io import set_trust_pickle
-    from neoxconv.parity import render_report, run_parity, save_report
-
     import os
 
-    from neoxconv.cli.progress import Bars
+    from transformers.utils import logging as hf_logging
+
+    from neoxconv.cli.progress import GROUPS, Bars
+    from neoxconv.io import set_trust_pickle
+    from neoxconv.parity import render_report, run_parity, save_report
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     set_trust_pickle(trust_pickle)
-    bars = Bars("layer groups", quiet=(json_out is not None and str(json_out) == "-")
+    bars = Bars(GROUPS, quiet=(json_out is not None and str(json_out) == "-")
                 or int(os.environ.get("RANK", "0")) != 0)
     try:
         report = run_parity(a, b, tokens=tokens, batch=batch, seed=seed, text=text, dtype=dtype.value,
@@ -152,13 +151,13 @@ def verify_cmd(
     """Check a checkpoint on disk: files present and readable, headers, shapes across ranks and against the config,
     finite values, and the sha256 of every file where neoxconv wrote a manifest. Exit 0 sound, 1 damaged,
     2 unreadable."""
-    from neoxconv.cli.progress import BYTES, Bars
+    from neoxconv.cli.progress import BYTES, GROUPS, Bars
     from neoxconv.io import set_trust_pickle
     from neoxconv.verify import render, verify
 
     set_trust_pickle(trust_pickle)
-    bars = Bars("layer groups", quiet=as_json)
-    units = {"hash": ("hashing (sha256)", BYTES), "scan": ("reading, checking values", "layer groups")}
+    bars = Bars(GROUPS, quiet=as_json)
+    units = {"hash": ("hashing (sha256)", BYTES), "scan": ("reading, checking values", GROUPS)}
     try:
         report = verify(path, config_files=config,
                         progress=lambda phase, done, total: bars(units[phase][0], done, total, units[phase][1]))

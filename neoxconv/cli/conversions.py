@@ -17,14 +17,14 @@ from neoxconv.cli.options import (ArchOpt, ChatTemplateOpt, ConfigOpt, DropWindo
 
 def _run_conversion(src: Path, out: Path, to: str, trust_pickle: bool, verify: bool = False,
                     check_finite: bool = False, as_json: bool = False, **kw) -> dict:
-    from neoxconv.cli.progress import Bar, Bars
+    from neoxconv.cli.progress import GROUPS, Bar, Bars
     from neoxconv.convert import convert
     from neoxconv.io import set_check_finite, set_trust_pickle
 
     set_trust_pickle(trust_pickle)
     set_check_finite(check_finite)
     holder: dict = {}
-    bars = Bars("layer groups", quiet=as_json)
+    bars = Bars(GROUPS, quiet=as_json)
     if verify and not kw.get("dry_run"):  # parity of the finished temp dir against the source, before it lands at OUT
         from neoxconv.parity import verifier
 

@@ -11,8 +11,9 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
                            TimeRemainingColumn, TransferSpeedColumn)
 
 from neoxconv.cli.app import console
+from neoxconv.progress import BYTES, GROUPS
 
-BYTES = "bytes"
+__all__ = ["BYTES", "GROUPS", "Bar", "Bars"]
 
 
 class Bar:

@@ -16,7 +16,6 @@ Every forward streams one layer group at a time (docs/parity.md, "Memory").
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 
 from neoxconv import graph
 from neoxconv.errors import NeoxconvError
+from neoxconv.progress import Progress
 from neoxconv.reference import (
     NeoxCheckpoint,
     NeoxSemantics,
@@ -35,10 +35,7 @@ from neoxconv.reference import (
 )
 from neoxconv.reference.ranks import DistributedGroup, RankGroup
 
-__all__ = ["NUMERIC_FIELDS", "Progress", "Side", "launched_by_torchrun", "open_side", "rank_group"]
-
-#: ``progress(done, total)``: layer groups run so far of a forward pass
-Progress = Callable[[int, int], None]
+__all__ = ["NUMERIC_FIELDS", "Side", "launched_by_torchrun", "open_side", "rank_group"]
 
 #: ModelSpec fields that change the numerics without changing any tensor shape (`local_layers`:
 #: global and flash layers compute the same, local ones do not).
