@@ -17,13 +17,7 @@ from neoxconv.custom.modeling_neox import NeoXCustomForCausalLM, NeoXMLP, NeoXNo
 from neoxconv.errors import NeoxconvError
 from neoxconv.tiny import tiny_hf_model
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy shared machine many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
