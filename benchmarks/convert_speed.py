@@ -25,7 +25,7 @@ Paths: neox-to-hf from both layouts, hf-to-neox --tp 4 in both layouts, NeoX -> 
   steadier figure on a loaded shared machine; the user-space part of it (hashing, CRC-32, merges,
   Python: the conversion's own work, without the kernel's copying and page handling) is reported
   too. Each is the median of --repeat runs, cp and conversion alternating, sources read once before
-  (page cache warm), outputs deleted between runs. Without --keep each source is built just before
+  (page cache warm), outputs deleted and dirty pages written back (`sync`) before each run. Without --keep each source is built just before
   its paths are measured and deleted after, so that the page cache holds only it and the outputs;
 - memory: RssAnon of the process (memory it owns: heap, tensors; not the page cache of mapped
   checkpoint files, which the kernel may drop at any time) sampled every 5 ms from outside; the
@@ -238,12 +238,19 @@ def _warm(path: Path) -> None:
                     pass
 
 
+def _settle() -> None:
+    """Write back dirty pages before a timed run, so that none is slowed by the writeback of what
+    ran before (building a source leaves gigabytes of them; the kernel throttles writers then)."""
+    os.sync()
+
+
 def measure(name: str, src: Path, work: Path, repeat: int) -> dict:
     source, argv = PATHS[name]
     _warm(src)
     cps, cp_cpus, cp_users, secs, cpus, users, mems, loads = [], [], [], [], [], [], [], []
     for _ in range(repeat):
         out = work / "out"
+        _settle()
         w, c, u = run_cp(src, out)
         cps.append(w)
         cp_cpus.append(c)
@@ -251,6 +258,7 @@ def measure(name: str, src: Path, work: Path, repeat: int) -> dict:
         shutil.rmtree(out)
         loads.append(os.getloadavg()[0])
         args = [argv[0], str(src), str(out), *argv[1:]]
+        _settle()
         s, c, u, m = run_conversion(args, work / "report.json")
         shutil.rmtree(out)
         secs.append(s)

@@ -277,18 +277,23 @@ class SafetensorsStreamWriter(PositionalOutput):
         sizes = [p.nbytes if isinstance(p, FileRange) else memoryview(p).nbytes for p in data]
         if sum(sizes) != n:
             raise ValueError(f"{name}: planned {n} bytes, got {sum(sizes)}")
-        at = self._base + offset
+        at = start = self._base + offset
+        memory: list = []  # consecutive parts in memory, written together
         for part, size in zip(data, sizes, strict=True):
             if isinstance(part, FileRange):
+                self._pwritev(memory, start)
+                memory = []
                 fd = os.open(part.path, os.O_RDONLY)
                 try:
                     self._io(copy_range, fd, part.offset, self._fd, at, size)
                 finally:
                     os.close(fd)
                 self._wrote(at, size)
+                start = at + size
             else:
-                self._pwrite(part, at)
+                memory.append(part)
             at += size
+        self._pwritev(memory, start)
         with self._lock:
             self._pending.discard(name)
 

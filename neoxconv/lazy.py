@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from neoxconv.ptio.ranges import row_views
+
 _lock = threading.Lock()
 _next_id = 1
 _LEAD_OPS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
@@ -76,7 +78,161 @@ def _src_of_tensor(t: torch.Tensor, lead: int) -> Source:
     return Source(rows, row_shape, t.dtype, None if t.device.type == "meta" else t.reshape(rows, *row_shape))
 
 
-class Lazy:
+class Deferred:
+    """What Lazy and Joined share: tensor attributes from `shape` and `dtype`, and every other op
+    run on the real tensor, `materialize()`."""
+
+    __slots__ = ()
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    ndim = property(dim)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel() * self.dtype.itemsize
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("meta" if self.is_meta else "cpu")
+
+    @property
+    def is_meta(self) -> bool:
+        return False
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def is_contiguous(self) -> bool:
+        return True
+
+    def contiguous(self) -> "Deferred":
+        return self
+
+    def detach(self) -> "Deferred":
+        return self
+
+    def to(self, *args, **kwargs):
+        """Same dtype, on the CPU: itself (as torch returns the tensor itself); else the real op."""
+        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+        others = [a for a in args if not isinstance(a, torch.dtype)]
+        device = kwargs.get("device", others[0] if others else None)
+        if dtype in (None, self.dtype) and device in (None, "cpu", torch.device("cpu")) and not kwargs.get("copy"):
+            return self
+        return self.materialize().to(*args, **kwargs)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*_materialized(args), **_materialized(kwargs or {}))
+
+    def __getattr__(self, name: str):  # any other tensor method: on the real tensor
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.materialize(), name)
+
+    def numpy(self):
+        return self.materialize().numpy()
+
+    # arithmetic and comparisons: on the real tensor
+    def __add__(self, o): return self.materialize() + _real(o)  # noqa: E704
+    def __radd__(self, o): return _real(o) + self.materialize()  # noqa: E704
+    def __sub__(self, o): return self.materialize() - _real(o)  # noqa: E704
+    def __rsub__(self, o): return _real(o) - self.materialize()  # noqa: E704
+    def __mul__(self, o): return self.materialize() * _real(o)  # noqa: E704
+    def __rmul__(self, o): return _real(o) * self.materialize()  # noqa: E704
+    def __truediv__(self, o): return self.materialize() / _real(o)  # noqa: E704
+    def __neg__(self): return -self.materialize()  # noqa: E704
+    def __eq__(self, o): return self.materialize() == _real(o)  # noqa: E704
+    __hash__ = object.__hash__
+
+
+class Joined(Deferred):
+    """`torch.cat` on a dim past the first (a row-parallel merge of tensor-parallel ranks), not
+    yet done. A writer writes it piece by piece from its parts' memory (`pieces()`: for a merge of
+    mapped rank files, views of the mapping), so the merged tensor is never built; narrowing it on
+    the joined dim (a split for other ranks) narrows its parts. Anything else runs on the real
+    tensor (`materialize()`: the torch.cat)."""
+
+    __slots__ = ("parts", "axis", "shape", "dtype")
+
+    def __init__(self, parts: list, axis: int):
+        self.parts, self.axis, self.dtype = list(parts), axis, parts[0].dtype
+        shape = list(parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in parts)
+        self.shape = torch.Size(shape)
+
+    @classmethod
+    def of(cls, tensors, dim: int) -> "Joined | None":
+        """The cat of these tensors (Lazy or real, with data, on the CPU) on `dim` past the
+        first, or None when torch.cat must run now (dim 0, no data, mismatched shapes or dtypes)."""
+        tensors = list(tensors)
+        n = tensors[0].dim()
+        if n < 2 or any(t.dim() != n for t in tensors):
+            return None
+        axis = dim + n if dim < 0 else dim
+        shape = tensors[0].shape
+        if not 0 < axis < n or any(
+                t.dtype != tensors[0].dtype or t.is_meta or t.device.type != "cpu"
+                or any(a != b for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if i != axis)
+                for t in tensors):
+            return None
+        return cls(tensors, axis)
+
+    def __repr__(self) -> str:
+        return f"Joined({list(self.shape)}, {self.dtype}, {len(self.parts)} parts on dim {self.axis})"
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat([_real(p) for p in self.parts], self.axis)
+
+    def narrow(self, dim: int, start: int, length: int):
+        if (dim + self.dim() if dim < 0 else dim) != self.axis:
+            return self.materialize().narrow(dim, start, length)
+        out, at = [], 0
+        for p in self.parts:
+            width = p.shape[self.axis]
+            lo, hi = max(start, at), min(start + length, at + width)
+            if lo < hi:
+                out.append(p.narrow(self.axis, lo - at, hi - lo))
+            at += width
+        return out[0] if len(out) == 1 else Joined(out, self.axis)
+
+    def split(self, size, dim: int = 0):
+        total = self.shape[dim]
+        sizes = size if isinstance(size, (list, tuple)) else [min(size, total - a) for a in range(0, total, size)]
+        out, at = [], 0
+        for s in sizes:
+            out.append(self.narrow(dim, at, s))
+            at += s
+        return tuple(out)
+
+    def chunk(self, chunks: int, dim: int = 0):
+        return self.split(-(-self.shape[dim] // chunks), dim)
+
+    def pieces(self) -> list[memoryview] | None:
+        """Its bytes in order, as views of its parts' memory: for every index of the dims before
+        the joined one, that block of each part. None when a part's blocks are not contiguous."""
+        blocks = [row_views(_real(p), self.axis) for p in self.parts]
+        if any(b is None for b in blocks):
+            return None
+        return [v for row in zip(*blocks, strict=True) for v in row]
+
+
+class Lazy(Deferred):
     """A tensor made of rows of sources (see the module docstring)."""
 
     __slots__ = ("ids", "row_shape", "dtype", "sources")
@@ -114,49 +270,13 @@ class Lazy:
         """A tensor of this shape and dtype without data (planning)."""
         return cls.leaf(torch.empty(shape, dtype=dtype, device="meta"))
 
-    # -- tensor-like attributes --------------------------------------------------------------
-
     @property
     def shape(self) -> torch.Size:
         return torch.Size((*self.ids.shape, *self.row_shape))
 
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
-    def dim(self) -> int:
-        return self.ids.dim() + len(self.row_shape)
-
-    ndim = property(dim)
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    def element_size(self) -> int:
-        return self.dtype.itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel() * self.dtype.itemsize
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("meta" if self.is_meta else "cpu")
-
     @property
     def is_meta(self) -> bool:
         return any(s.tensor is None for s in self.sources)
-
-    def is_floating_point(self) -> bool:
-        return self.dtype.is_floating_point
-
-    def is_contiguous(self) -> bool:
-        return True
-
-    def contiguous(self) -> "Lazy":
-        return self
-
-    def detach(self) -> "Lazy":
-        return self
 
     def __repr__(self) -> str:
         return f"Lazy({list(self.shape)}, {self.dtype}, {len(self.sources)} source(s))"
@@ -211,15 +331,6 @@ class Lazy:
             return self._with(self.ids[idx])
         return self.materialize()[index]
 
-    def to(self, *args, **kwargs):
-        """Same dtype, on the CPU: itself (as torch returns the tensor itself); else the real op."""
-        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
-        others = [a for a in args if not isinstance(a, torch.dtype)]
-        device = kwargs.get("device", others[0] if others else None)
-        if dtype in (None, self.dtype) and device in (None, "cpu", torch.device("cpu")) and not kwargs.get("copy"):
-            return self
-        return self.materialize().to(*args, **kwargs)
-
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -228,11 +339,6 @@ class Lazy:
             if out is not None:
                 return out
         return func(*_materialized(args), **_materialized(kwargs))
-
-    def __getattr__(self, name: str):  # any other tensor method: on the real tensor
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.materialize(), name)
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -278,21 +384,6 @@ class Lazy:
             return torch.empty(self.shape, dtype=self.dtype)
         return torch.cat(pieces).reshape(self.shape)
 
-    def numpy(self):
-        return self.materialize().numpy()
-
-    # arithmetic and comparisons: on the real tensor
-    def __add__(self, o): return self.materialize() + _real(o)  # noqa: E704
-    def __radd__(self, o): return _real(o) + self.materialize()  # noqa: E704
-    def __sub__(self, o): return self.materialize() - _real(o)  # noqa: E704
-    def __rsub__(self, o): return _real(o) - self.materialize()  # noqa: E704
-    def __mul__(self, o): return self.materialize() * _real(o)  # noqa: E704
-    def __rmul__(self, o): return _real(o) * self.materialize()  # noqa: E704
-    def __truediv__(self, o): return self.materialize() / _real(o)  # noqa: E704
-    def __neg__(self): return -self.materialize()  # noqa: E704
-    def __eq__(self, o): return self.materialize() == _real(o)  # noqa: E704
-    __hash__ = object.__hash__
-
 
 def _resolve(shape: tuple, numel: int) -> tuple[int, ...]:
     shape = tuple(int(s) for s in shape)
@@ -306,11 +397,11 @@ def _resolve(shape: tuple, numel: int) -> tuple[int, ...]:
 
 
 def _real(x):
-    return x.materialize() if isinstance(x, Lazy) else x
+    return x.materialize() if isinstance(x, Deferred) else x
 
 
 def _materialized(x):
-    if isinstance(x, Lazy):
+    if isinstance(x, Deferred):
         return x.materialize()
     if isinstance(x, (list, tuple)):
         return type(x)(_materialized(v) for v in x)
@@ -320,10 +411,17 @@ def _materialized(x):
 
 
 def _cat_or_stack(func, tensors, dim: int = 0, *, out=None):
-    """torch.cat / torch.stack on leading dims of Lazy tensors (real tensors join as in-memory
-    sources); None when it must run on real tensors."""
+    """torch.cat / torch.stack of Lazy tensors: on leading dims a Lazy (real tensors join as
+    in-memory sources), a cat on a later dim a Joined; None when it must run on real tensors."""
     if out is not None:
         return None
+    joined = _lead_cat_or_stack(func, tensors, dim)
+    if joined is None and func is not torch.stack:
+        joined = Joined.of(tensors, dim)
+    return joined
+
+
+def _lead_cat_or_stack(func, tensors, dim: int):
     lazies = [t for t in tensors if isinstance(t, Lazy)]
     row_shape, dtype = lazies[0].row_shape, lazies[0].dtype
     k = len(row_shape)

@@ -18,6 +18,7 @@ file as it grows.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -27,12 +28,14 @@ from pathlib import Path
 import torch
 
 from neoxconv.io import tensor_bytes
-from neoxconv.lazy import MAX_RUNS, Lazy
+from neoxconv.lazy import MAX_RUNS, Joined, Lazy
+from neoxconv.ptio.ranges import packed_from, populate, row_views
 from neoxconv.plan import OutFile, Plan
 
 FileHash = tuple[int, str]  # (size, sha256 hex)
-_HASH_CHUNK = 1 << 20  # read back in 1 MiB pieces: they stay in the CPU cache for SHA-256
+_HASH_CHUNK = 1 << 20  # hashed in 1 MiB pieces (hashlib releases the GIL for each)
 _HASH_STEP = 8 << 20  # hash a growing file once this much more of it is written
+MIN_PIECE = 512  # bytes: shorter pieces of an output tensor are gathered into memory first
 
 
 def default_workers() -> int:
@@ -40,9 +43,12 @@ def default_workers() -> int:
 
 
 def tensor_parts(t) -> list:
-    """What to write for one output tensor: the source byte ranges of a Lazy tensor's rows
-    (ptio.FileRange, with the mapped bytes for a CRC) or memoryviews; one gathering copy for a
-    tensor of many short runs (a per-row rotary permutation)."""
+    """What to write for one output tensor, in order, without copying where its bytes already are
+    somewhere: the source byte ranges of a Lazy tensor's rows (ptio.FileRange, with the mapped
+    bytes for a CRC; views of the mapped rows when there are many short runs, as a per-row rotary
+    permutation has), the parts' blocks of a Joined (a row-parallel merge), the rows of a strided
+    view (a row-parallel split), or a tensor's memory. One gathering copy only where those pieces
+    would be shorter than MIN_PIECE bytes (a write per few bytes costs more than the copy)."""
     from neoxconv.ptio import FileRange
 
     if isinstance(t, Lazy):
@@ -57,7 +63,20 @@ def tensor_parts(t) -> list:
                 else:
                     parts.append(data)
             return parts
+        if min(count * src.row_bytes for src, _, count in runs) >= MIN_PIECE:
+            for src in t.sources:
+                populate(src.tensor)
+            return [tensor_bytes(src.tensor[row:row + count]) for src, row, count in runs]
+        return [tensor_bytes(t.materialize())]
+    if isinstance(t, Joined):
+        pieces = t.pieces()
+        if pieces is not None and min((p.nbytes for p in pieces), default=MIN_PIECE) >= MIN_PIECE:
+            return pieces
         t = t.materialize()
+    if not t.is_contiguous():
+        rows = row_views(t, packed_from(t))
+        if rows is not None and min((r.nbytes for r in rows), default=MIN_PIECE) >= MIN_PIECE:
+            return rows
     return [tensor_bytes(t)]
 
 
@@ -261,19 +280,24 @@ class _Hasher:
 
 
 def _hash_range(f: _File, upto: int | None) -> int:
-    """Hash f from where it stands to `upto` (None: to its end). Returns where it stopped."""
+    """Hash f from where it stands to `upto` (None: to its end). Returns where it stopped.
+
+    The written bytes are in the page cache: they are hashed from a read-only mapping of the
+    range, populated in one call (MAP_POPULATE), which saves copying them out with pread."""
     fd = os.open(f.path, os.O_RDONLY)
     try:
         end = os.fstat(fd).st_size if upto is None else upto
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        at = f.hashed
-        while at < end:
-            n = os.preadv(fd, [view[:min(_HASH_CHUNK, end - at)]], at)
-            if n == 0:
-                raise OSError(f"{f.path}: ends at {at} bytes, {end} were written")
-            f.h.update(view[:n])
-            at += n
-        return at
+        if end <= f.hashed:
+            return f.hashed
+        base = f.hashed - f.hashed % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(fd, end - base, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                       prot=mmap.PROT_READ, offset=base) as mm:
+            view = memoryview(mm)
+            try:
+                for at in range(f.hashed - base, end - base, _HASH_CHUNK):
+                    f.h.update(view[at:min(at + _HASH_CHUNK, end - base)])
+            finally:
+                view.release()
+        return end
     finally:
         os.close(fd)

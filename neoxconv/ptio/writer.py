@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from neoxconv.ptio.index import StorageRecord, TensorRecord, storage_classes
-from neoxconv.ptio.ranges import MappedFile, PositionalOutput, copy_range, crc32, pwrite_all
+from neoxconv.ptio.ranges import MappedFile, PositionalOutput, copy_range, crc32
 from neoxconv.ptio.zipformat import DESCRIPTOR_SIG, central_directory, layout, serialization_id
 
 PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
@@ -293,8 +293,11 @@ class PtWriter(PositionalOutput):
             self._claimed.add(st.key)
         self._pwrite(entry.header, entry.header_offset)
         crc, head, at = 0, b"", entry.data_offset
+        start, memory = at, []  # consecutive parts in memory, written together
         for part, n in zip(parts, sizes, strict=True):
             if isinstance(part, FileRange):
+                self._pwritev(memory, start)
+                start, memory = at + n, []
                 whole = len(parts) == 1 and part.crc32 is not None  # the CRC of the source record
                 if whole:
                     crc = part.crc32
@@ -310,12 +313,14 @@ class PtWriter(PositionalOutput):
                     self._io(copy_range, fd, part.offset, self._fd, at, n)
                 finally:
                     os.close(fd)
+                self._wrote(at, n)
             else:
                 crc = crc32(part, crc)
-                head += bytes(part[:8 - len(head)])
-                self._io(pwrite_all, self._fd, part, at)
-            self._wrote(at, n)
+                if len(head) < 8:
+                    head += bytes(part[:8 - len(head)])
+                memory.append(part)
             at += n
+        self._pwritev(memory, start)
         self._pwrite(entry.descriptor(crc), entry.data_offset + entry.size)
         with self._lock:
             rec.crc, rec.words = crc, _descriptor_words(entry, head, crc)

@@ -1,0 +1,190 @@
+"""Deferred tensors (neoxconv.lazy) and how their bytes are written (neoxconv.pipeline,
+ptio.ranges): a row-parallel merge (`Joined`) and split (a strided view) of mapped rank files are
+written piece by piece from the mapping, never built in memory, and give the bytes torch.cat and
+torch.chunk give. Pure reshuffles: compared bit for bit."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from neoxconv.lazy import Joined, Lazy
+from neoxconv.pipeline import MIN_PIECE, tensor_parts
+from neoxconv.ptio import FileRange, index_safetensors
+from neoxconv.ptio.ranges import IOV_MAX, WRITE_PIECE, MappedFile, packed_from, populate, pwritev_all, row_views
+
+
+def _bytes(parts: list) -> bytes:
+    out = b""
+    for p in parts:
+        if isinstance(p, FileRange):
+            with open(p.path, "rb") as f:
+                f.seek(p.offset)
+                out += f.read(p.nbytes)
+        else:
+            out += bytes(p)
+    return out
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture
+def ranks(tmp_path: Path) -> tuple[list[Lazy], list[torch.Tensor], MappedFile]:
+    """Two tensor-parallel ranks of a row-parallel weight [rows 64, cols 1024 each], fp16, as Lazy
+    rows of one mapped safetensors file, and their real values."""
+    gen = torch.Generator().manual_seed(0)
+    real = [torch.randn(64, 1024, generator=gen).half() for _ in range(2)]
+    path = tmp_path / "ranks.safetensors"
+    save_file({f"rank{i}": t for i, t in enumerate(real)}, str(path))
+    mapped = MappedFile(path)
+    records, _ = index_safetensors(path)
+    lazies = [Lazy.of_record(mapped.tensor(records[f"rank{i}"]), records[f"rank{i}"]) for i in range(2)]
+    return lazies, real, mapped
+
+
+def _inside(view: memoryview, mapped: MappedFile) -> bool:
+    base = torch.frombuffer(mapped._mm, dtype=torch.uint8).data_ptr()
+    at = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
+    return base <= at and at + view.nbytes <= base + mapped.size
+
+
+def test_a_merge_on_dim_1_is_joined_and_written_from_the_mapping(ranks):
+    lazies, real, mapped = ranks
+    merged = torch.cat(lazies, dim=1)
+    assert isinstance(merged, Joined)
+    assert merged.shape == (64, 2048) and merged.dtype == torch.float16
+    expected = torch.cat(real, dim=1)
+    assert torch.equal(merged.materialize(), expected)
+    parts = tensor_parts(merged)
+    assert len(parts) == 2 * 64  # each row: rank 0's block, then rank 1's
+    assert all(isinstance(p, memoryview) and _inside(p, mapped) for p in parts)
+    assert _bytes(parts) == _raw(expected)
+
+
+def test_a_split_of_a_merge_narrows_its_parts(ranks):
+    """tp 2 -> tp 4: each new rank's block is a view of one old rank: nothing is merged."""
+    lazies, real, mapped = ranks
+    merged = torch.cat(lazies, dim=1)
+    expected = torch.cat(real, dim=1)
+    for chunks in (1, 2, 3, 4, 8):
+        got = merged.chunk(chunks, dim=1)
+        want = expected.chunk(chunks, dim=1)
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert tuple(g.shape) == tuple(w.shape)
+            assert _bytes(tensor_parts(g)) == _raw(w)
+    quarter = merged.chunk(4, dim=1)[1]  # inside rank 0: a strided view of its mapping
+    assert isinstance(quarter, torch.Tensor) and not quarter.is_contiguous()
+    assert all(_inside(p, mapped) for p in tensor_parts(quarter))
+    straddling = merged.narrow(1, 900, 400)  # across the two ranks: joined again
+    assert isinstance(straddling, Joined) and len(straddling.parts) == 2
+    assert _bytes(tensor_parts(straddling)) == _raw(expected.narrow(1, 900, 400))
+    assert torch.equal(merged.split([100, 1948], dim=1)[1].materialize(), expected[:, 100:])
+
+
+def test_other_ops_on_a_joined_run_on_the_real_tensor(ranks):
+    lazies, real, _ = ranks
+    merged = torch.cat(lazies, dim=1)
+    expected = torch.cat(real, dim=1)
+    assert torch.equal(merged.float(), expected.float())
+    assert torch.equal(merged * 2, expected * 2)
+    assert torch.equal(merged.narrow(0, 3, 5), expected.narrow(0, 3, 5))
+    assert torch.equal(torch.cat([merged, merged], dim=0), torch.cat([expected, expected], dim=0))
+    assert merged.to(torch.float16) is merged
+    assert torch.equal(merged.to(torch.float32), expected.float())
+
+
+def test_mismatched_or_planning_tensors_are_not_joined():
+    a, b = Lazy.leaf(torch.ones(4, 8)), Lazy.leaf(torch.ones(5, 8))
+    assert Joined.of([a, b], 1) is None  # rows differ: torch.cat raises as it would
+    with pytest.raises(RuntimeError):
+        torch.cat([a, b], dim=1)
+    planned = torch.cat([Lazy.shape_only((512, 512), torch.float16)] * 2, dim=1)
+    assert not isinstance(planned, Joined) and planned.is_meta and planned.shape == (512, 1024)
+    assert isinstance(torch.cat([a, a], dim=0), Lazy)  # dim 0 stays rows
+
+
+def test_short_pieces_are_gathered_once(ranks):
+    """Pieces under MIN_PIECE bytes cost more to write one by one than to gather."""
+    lazies, real, _ = ranks
+    thin = [t.narrow(1, 0, MIN_PIECE // 4) for t in real]  # 256 bytes a row
+    merged = torch.cat([Lazy.leaf(t.contiguous()) for t in thin], dim=1)
+    parts = tensor_parts(merged)
+    assert len(parts) == 1 and _bytes(parts) == _raw(torch.cat(thin, dim=1))
+
+
+def test_row_views_of_strided_tensors():
+    t = torch.arange(2 * 6 * 8 * 4, dtype=torch.int16).reshape(2, 6, 8, 4)
+    for view in (t[:, 2:4], t[:, :, 3:5], t.narrow(0, 1, 1), t[:, 1::2]):
+        lead = packed_from(view)
+        rows = row_views(view, lead)
+        assert rows is not None and b"".join(bytes(r) for r in rows) == _raw(view)
+    assert packed_from(t) == 0 and packed_from(t[:, 2:4]) == 1 and packed_from(t[:, :, 3:5]) == 2
+    assert row_views(t.transpose(2, 3), 2) is None  # the last dims are not one run
+    assert packed_from(t.transpose(2, 3)) == 4
+
+
+def test_many_short_lazy_runs_are_written_from_the_mapping(ranks):
+    """A per-row permutation (rotary for Meta files): more runs than FileRanges are worth, each
+    a view of the mapped rows."""
+    lazies, real, mapped = ranks
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(2)).tolist()
+    rows = torch.stack([lazies[r][i] for r in (0, 1) for i in order])
+    assert isinstance(rows, Lazy) and len(rows.runs()) > 64
+    parts = tensor_parts(rows)
+    assert all(isinstance(p, memoryview) and _inside(p, mapped) for p in parts)
+    assert _bytes(parts) == _raw(torch.cat([real[0][order], real[1][order]]))
+
+
+def test_pwritev_all_writes_every_buffer_in_order(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    small = [torch.randint(0, 255, (int(n),), dtype=torch.uint8, generator=gen)
+             for n in torch.randint(1, 3000, (3 * IOV_MAX,), generator=gen)]
+    big = torch.randint(0, 255, (WRITE_PIECE * 2 + 7,), dtype=torch.uint8, generator=gen)
+    buffers = [*small[:IOV_MAX], big, *small[IOV_MAX:]]
+    views = [memoryview(b.numpy()) for b in buffers]
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"head", 0)
+        n = pwritev_all(fd, views, 4)
+    finally:
+        os.close(fd)
+    expected = b"".join(bytes(v) for v in views)
+    assert n == len(expected)
+    assert path.read_bytes() == b"head" + expected
+
+
+def _mapped_kib(address: int) -> int:
+    """Rss (KiB) of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError("no mapping holds the address")
+
+
+def test_populate_maps_a_mapped_range_in_at_once(tmp_path):
+    """Before pieces are written from a mapped file its pages are mapped in with one madvise
+    (Linux 5.14+, which the project's machines run)."""
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    assert (major, minor) >= (5, 14)
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(8 << 20))
+    mapped = MappedFile(path)
+    t = torch.frombuffer(mapped._mm, dtype=torch.uint8)[4097:(6 << 20) + 5]  # not page-aligned
+    assert _mapped_kib(t.data_ptr()) < 1024  # a fresh mapping: (next to) nothing mapped in yet
+    assert populate(t)
+    assert _mapped_kib(t.data_ptr()) >= 6 * 1024 - 8  # the whole range
+    assert not populate(torch.empty(0))
