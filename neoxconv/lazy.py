@@ -10,13 +10,16 @@ The role code (neoxconv.roles, fusing, the family tables) runs unchanged on Lazy
 
 - ops on leading dims (reshape, chunk, split, narrow, indexing, transpose, `torch.cat` and
   `torch.stack`) rearrange `ids` only: no tensor data is touched;
-- anything else (a cat on dim 1, a dtype cast, arithmetic: row-parallel merges, averaged norms,
-  summed biases) first `materialize()`s the tensor (one copy where rows must be gathered, none
-  for a single run of one source) and runs the real torch op. A Lazy is therefore always
-  correct; laziness only saves copies.
+- a `torch.cat` on a later dim (a row-parallel merge of tensor-parallel ranks) is a `Joined`:
+  the parts, not yet concatenated; narrowing it on that dim (a split for other ranks) narrows the
+  parts, so tp 2 -> tp 4 never builds the merged tensor;
+- anything else (a dtype cast, arithmetic: averaged norms, summed biases) first `materialize()`s
+  the tensor (one copy where rows must be gathered, none for a single run of one source) and runs
+  the real torch op. A Lazy or Joined is therefore always correct; deferring only saves copies.
 
-`parts()` gives what a writer needs: runs of consecutive source rows, each a byte range of a
-file (copied with copy_file_range) or a memoryview; see neoxconv.pipeline. Tensors of shape-only
+What a writer needs comes from neoxconv.pipeline.tensor_parts: runs of consecutive source rows,
+each a byte range of a file (copied with copy_file_range) or a memoryview; a Joined's blocks and
+a strided view's rows as views of the mapped sources (written with pwritev). Tensors of shape-only
 sources materialize as `meta` tensors, so a whole conversion plans from file headers without
 reading data (and without `torch.cat` on meta tensors, whose first call imports torch._dynamo:
 ~1.5 s).
