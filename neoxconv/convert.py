@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from neoxconv.errors import NeoxconvError
+from neoxconv.heap import frozen_heap
 
 DTYPES = {"auto": None, "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -20,6 +21,7 @@ def parse_dtype(name: str):
     return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
 
 
+@frozen_heap()
 def convert(src: Path, out: Path, *, to: str, src_format: str | None = None, config_files: list[Path] | None = None,
             family: str | None = None, qkv_layout: str | None = None, force: bool = False, dtype: str = "auto",
             progress: Callable[[int], None] | None = None, on_read: Callable | None = None,

@@ -11,9 +11,8 @@ file as it grows.
   file to file (`copy_file_range`: no copy in user space); computed tensors are written from
   memory. A file is closed (its zip directory written) by whichever job writes into it last.
 - **The cyclic garbage collector** leaves the objects that exist when writing starts alone
-  (`gc.freeze`, undone at the end): the pieces and views the jobs make trigger collections, and
-  each full one walked every object of torch and transformers (~0.15 s each, ~0.3 s of a
-  32-layer conversion). Objects made while writing are collected as usual.
+  (`frozen_heap`): the pieces and views the jobs make trigger collections, and each full one
+  walked every object of torch and transformers (~0.15 s each, ~0.3 s of a 32-layer conversion).
 - **Hashing**: each file's SHA-256 follows its contiguous written prefix on background threads,
   so a file's hash is ready about when its last byte is written; the manifest and the resume
   journal take it from here instead of reading everything again at the end.
@@ -21,7 +20,6 @@ file as it grows.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import mmap
 import os
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from neoxconv.heap import frozen_heap
 from neoxconv.io import tensor_bytes
 from neoxconv.lazy import MAX_RUNS, Joined, Lazy
 from neoxconv.ptio.ranges import packed_from, populate, row_views
@@ -112,7 +111,6 @@ def execute(plan: Plan, root: Path, *, workers: int = 1, progress: Callable[[int
     lock = threading.Lock()
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    gc.freeze()  # see the module docstring
 
     def run(job) -> None:
         try:
@@ -138,7 +136,7 @@ def execute(plan: Plan, root: Path, *, workers: int = 1, progress: Callable[[int
             slots.release()
 
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="neoxconv-write") as pool:
+        with frozen_heap(), ThreadPoolExecutor(workers, thread_name_prefix="neoxconv-write") as pool:
             for job in plan.jobs:
                 if all(rel in done for rel in job.files):
                     continue
@@ -165,7 +163,6 @@ def execute(plan: Plan, root: Path, *, workers: int = 1, progress: Callable[[int
     finally:
         hasher.stop()
         torch.set_num_threads(threads)
-        gc.unfreeze()
 
 
 def open_writer(out: OutFile, path: Path, on_write):

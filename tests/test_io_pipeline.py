@@ -261,3 +261,38 @@ def test_resume_after_the_process_was_killed(pristine, reference, tmp_path):
     assert files_of(out) == files_of(reference["neox-tp2-to-tp4-pipeline"])
 
 
+
+
+def test_the_collector_leaves_the_libraries_alone_while_converting(pristine, tmp_path, monkeypatch):
+    """Objects that exist when a conversion starts are frozen (gc.freeze) until it ends; a cycle
+    made inside is still collected."""
+    import gc
+    import weakref
+
+    import neoxconv.pipeline as pipeline
+    from neoxconv.heap import frozen_heap
+
+    seen = []
+    real = pipeline.execute
+
+    def recording(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pipeline, "execute", recording)
+    assert gc.get_freeze_count() == 0
+    code, _, err = convert(pristine, "neox-to-hf-sharded", tmp_path / "out")
+    assert code == 0, err
+    assert seen and seen[0] > 1000  # the imported libraries' objects
+    assert gc.get_freeze_count() == 0
+
+    class Node:
+        pass
+    with frozen_heap(), frozen_heap():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
