@@ -237,7 +237,8 @@ class SafetensorsStreamWriter(PositionalOutput):
     tensor's dtype/shape/byte range, raw little-endian data), and every shape is known from the
     conversion plan, so the header goes first and each tensor is written at its offset
     (positional writes). `write` takes a tensor or its bytes as a list of parts: bytes-like
-    objects and `ptio.FileRange`s, which are copied file to file (copy_file_range).
+    objects, `ptio.FileRange`s, which are copied file to file (copy_file_range), and
+    `Gathered` tensors, written chunk by chunk.
     `on_write(offset, nbytes)` follows every write (neoxconv.pipeline hashes files as they grow).
     Files are read back with the safetensors library in the tests.
     """
@@ -265,35 +266,32 @@ class SafetensorsStreamWriter(PositionalOutput):
 
     def write(self, name: str, data) -> None:
         """One tensor: a torch.Tensor of its planned dtype and shape, or its bytes as a list of
-        parts (bytes-like objects and ptio.FileRanges, concatenated)."""
+        parts (bytes-like objects, ptio.FileRanges and Gathered tensors, concatenated)."""
         from neoxconv.ptio import FileRange
-        from neoxconv.ptio.ranges import copy_range
+        from neoxconv.ptio.ranges import Gathered, copy_range
 
         offset, n, dtype, shape = self._slots[name]
         if isinstance(data, torch.Tensor):
             if data.dtype != dtype or tuple(data.shape) != shape:
                 raise ValueError(f"{name}: planned {dtype} {shape}, got {data.dtype} {tuple(data.shape)}")
             data = [tensor_bytes(data)]
-        sizes = [p.nbytes if isinstance(p, FileRange) else memoryview(p).nbytes for p in data]
+        sizes = [p.nbytes if isinstance(p, (FileRange, Gathered)) else memoryview(p).nbytes for p in data]
         if sum(sizes) != n:
             raise ValueError(f"{name}: planned {n} bytes, got {sum(sizes)}")
-        at = start = self._base + offset
-        memory: list = []  # consecutive parts in memory, written together
+        at = self._base + offset
         for part, size in zip(data, sizes, strict=True):
             if isinstance(part, FileRange):
-                self._pwritev(memory, start)
-                memory = []
                 fd = os.open(part.path, os.O_RDONLY)
                 try:
                     self._io(copy_range, fd, part.offset, self._fd, at, size)
                 finally:
                     os.close(fd)
                 self._wrote(at, size)
-                start = at + size
+            elif isinstance(part, Gathered):
+                self._pwrite_gathered(part, at)
             else:
-                memory.append(part)
+                self._pwrite(part, at)
             at += size
-        self._pwritev(memory, start)
         with self._lock:
             self._pending.discard(name)
 

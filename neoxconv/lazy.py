@@ -18,8 +18,8 @@ The role code (neoxconv.roles, fusing, the family tables) runs unchanged on Lazy
   the real torch op. A Lazy or Joined is therefore always correct; deferring only saves copies.
 
 What a writer needs comes from neoxconv.pipeline.tensor_parts: runs of consecutive source rows,
-each a byte range of a file (copied with copy_file_range) or a memoryview; a Joined's blocks and
-a strided view's rows as views of the mapped sources (written with pwritev). Tensors of shape-only
+each a byte range of a file (copied with copy_file_range) or a memoryview; a Joined, a strided
+view or rows permuted one by one gathered a chunk at a time (ptio.ranges.Gathered). Tensors of shape-only
 sources materialize as `meta` tensors, so a whole conversion plans from file headers without
 reading data (and without `torch.cat` on meta tensors, whose first call imports torch._dynamo:
 ~1.5 s).
@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from neoxconv.ptio.ranges import row_views
 
 _lock = threading.Lock()
 _next_id = 1
@@ -166,10 +164,10 @@ class Deferred:
 
 class Joined(Deferred):
     """`torch.cat` on a dim past the first (a row-parallel merge of tensor-parallel ranks), not
-    yet done. A writer writes it piece by piece from its parts' memory (`pieces()`: for a merge of
-    mapped rank files, views of the mapping), so the merged tensor is never built; narrowing it on
-    the joined dim (a split for other ranks) narrows its parts. Anything else runs on the real
-    tensor (`materialize()`: the torch.cat)."""
+    yet done. A writer gathers it a chunk at a time from its parts (for a merge of mapped rank
+    files, from the mapping; neoxconv.pipeline.tensor_parts), so the merged tensor is never built;
+    narrowing it on the joined dim (a split for other ranks) narrows its parts. Anything else runs
+    on the real tensor (`materialize()`: the torch.cat)."""
 
     __slots__ = ("parts", "axis", "shape", "dtype")
 
@@ -225,14 +223,6 @@ class Joined(Deferred):
 
     def chunk(self, chunks: int, dim: int = 0):
         return self.split(-(-self.shape[dim] // chunks), dim)
-
-    def pieces(self) -> list[memoryview] | None:
-        """Its bytes in order, as views of its parts' memory: for every index of the dims before
-        the joined one, that block of each part. None when a part's blocks are not contiguous."""
-        blocks = [row_views(_real(p), self.axis) for p in self.parts]
-        if any(b is None for b in blocks):
-            return None
-        return [v for row in zip(*blocks, strict=True) for v in row]
 
 
 class Lazy(Deferred):

@@ -21,6 +21,7 @@ file as it grows.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 import threading
@@ -32,14 +33,13 @@ import torch
 
 from neoxconv.heap import frozen_heap
 from neoxconv.io import tensor_bytes
-from neoxconv.lazy import MAX_RUNS, Joined, Lazy
-from neoxconv.ptio.ranges import packed_from, populate, row_views
+from neoxconv.lazy import MAX_RUNS, Deferred, Joined, Lazy
+from neoxconv.ptio.ranges import Gathered
 from neoxconv.plan import OutFile, Plan
 
 FileHash = tuple[int, str]  # (size, sha256 hex)
 _HASH_CHUNK = 1 << 20  # hashed in 1 MiB pieces (hashlib releases the GIL for each)
 _HASH_STEP = 8 << 20  # hash a growing file once this much more of it is written
-MIN_PIECE = 512  # bytes: shorter pieces of an output tensor are gathered into memory first
 
 
 def default_workers() -> int:
@@ -47,41 +47,62 @@ def default_workers() -> int:
 
 
 def tensor_parts(t) -> list:
-    """What to write for one output tensor, in order, without copying where its bytes already are
-    somewhere: the source byte ranges of a Lazy tensor's rows (ptio.FileRange, with the mapped
-    bytes for a CRC; views of the mapped rows when there are many short runs, as a per-row rotary
-    permutation has), the parts' blocks of a Joined (a row-parallel merge), the rows of a strided
-    view (a row-parallel split), or a tensor's memory. One gathering copy only where those pieces
-    would be shorter than MIN_PIECE bytes (a write per few bytes costs more than the copy)."""
+    """What to write for one output tensor, in order, copying nothing that is already somewhere:
+    the source byte ranges of a Lazy tensor's rows (ptio.FileRange, with the mapped bytes for a
+    CRC) or a tensor's memory. What must be rearranged (a Joined: a row-parallel merge; a strided
+    view: a row-parallel split; rows permuted one by one, as a rotary permutation does) is
+    Gathered a chunk at a time, never whole in memory."""
     from neoxconv.ptio import FileRange
 
     if isinstance(t, Lazy):
         runs = t.runs()
-        if len(runs) <= MAX_RUNS:
-            parts = []
-            for src, row, count in runs:
-                data = tensor_bytes(src.tensor[row:row + count])
-                if src.file is not None:
-                    at = src.offset + row * src.row_bytes
-                    parts.append(FileRange(src.file, at, count * src.row_bytes, data=data))
-                else:
-                    parts.append(data)
-            return parts
-        if min(count * src.row_bytes for src, _, count in runs) >= MIN_PIECE:
-            for src in t.sources:
-                populate(src.tensor)
-            return [tensor_bytes(src.tensor[row:row + count]) for src, row, count in runs]
-        return [tensor_bytes(t.materialize())]
+        if len(runs) > MAX_RUNS:
+            return [_gathered_rows(t)]
+        parts = []
+        for src, row, count in runs:
+            data = tensor_bytes(src.tensor[row:row + count])
+            if src.file is not None:
+                at = src.offset + row * src.row_bytes
+                parts.append(FileRange(src.file, at, count * src.row_bytes, data=data))
+            else:
+                parts.append(data)
+        return parts
     if isinstance(t, Joined):
-        pieces = t.pieces()
-        if pieces is not None and min((p.nbytes for p in pieces), default=MIN_PIECE) >= MIN_PIECE:
-            return pieces
-        t = t.materialize()
-    if not t.is_contiguous():
-        rows = row_views(t, packed_from(t))
-        if rows is not None and min((r.nbytes for r in rows), default=MIN_PIECE) >= MIN_PIECE:
-            return rows
-    return [tensor_bytes(t)]
+        return [_gathered_join(t)]
+    if t.is_contiguous() or t.dim() < 2:
+        return [tensor_bytes(t)]
+    return [_gathered_join(Joined([t], 1))]
+
+
+def _gathered_join(t: Joined) -> Gathered:
+    """A Joined (one part: any strided tensor) row by row over the dims before its joined one:
+    each row is every part's block, side by side."""
+    parts = [p.materialize() if isinstance(p, Deferred) else p for p in t.parts]
+    rows = math.prod(t.shape[:t.axis])
+    flat = [p.reshape(rows, -1) for p in parts]
+    widths = [f.shape[1] for f in flat]
+    total = sum(widths)
+
+    def fill(r0: int, r1: int, out: torch.Tensor) -> None:
+        dst = out.view(t.dtype).view(r1 - r0, total)
+        at = 0
+        for f, w in zip(flat, widths, strict=True):
+            dst[:, at:at + w].copy_(f[r0:r1])
+            at += w
+    return Gathered(rows, total * t.dtype.itemsize, fill, parts)
+
+
+def _gathered_rows(t: Lazy) -> Gathered | memoryview:
+    """A Lazy tensor of many short runs (rows permuted one by one), row by row."""
+    if len(t.sources) != 1:
+        return tensor_bytes(t.materialize())
+    src = t.sources[0]
+    table = src.tensor.reshape(src.rows, -1)
+    index = t.ids.reshape(-1) - src.base
+
+    def fill(r0: int, r1: int, out: torch.Tensor) -> None:
+        torch.index_select(table, 0, index[r0:r1], out=out.view(t.dtype).view(r1 - r0, table.shape[1]))
+    return Gathered(index.numel(), src.row_bytes, fill, [src.tensor])
 
 
 def write_tensor(writer, out: OutFile, key: str, t) -> int:

@@ -96,25 +96,36 @@ def test_workers_give_byte_identical_output(path, pristine, reference, tmp_path)
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
-def test_pieces_written_from_the_sources_give_byte_identical_output(path, pristine, reference, tmp_path, monkeypatch):
-    """The tiny models' rows are shorter than MIN_PIECE, so the reference run gathers every
-    merge, split and permutation into memory first; with MIN_PIECE 1 each is written piece by
-    piece from where its bytes are (a Joined's blocks, a split's rows, permuted rows: views of
-    the mapped sources). Same bytes."""
+def test_gathered_tensors_are_the_materialized_ones(path, pristine, reference, tmp_path, monkeypatch):
+    """Merges, splits and permuted rows are gathered a chunk at a time (ptio.ranges.Gathered;
+    here in chunks of 64 bytes, so every one spans many): the reference run's bytes equal those
+    of a run that materializes every such tensor whole (torch.cat, .contiguous(), indexing)."""
     import neoxconv.pipeline as pipeline
+    import neoxconv.ptio.ranges as ranges
+    from neoxconv.io import tensor_bytes
+    from neoxconv.lazy import Deferred
 
-    monkeypatch.setattr(pipeline, "MIN_PIECE", 1)
-    counts: list[int] = []
+    gathered = []
     real = pipeline.tensor_parts
 
     def counting(t):
         parts = real(t)
-        counts.append(len(parts))
+        gathered.extend(p for p in parts if isinstance(p, ranges.Gathered))
         return parts
     monkeypatch.setattr(pipeline, "tensor_parts", counting)
+    monkeypatch.setattr(ranges, "GATHER", 64)
+    code, _, err = convert(pristine, path, tmp_path / "chunks" / "out", "--workers", "2")
+    assert code == 0, err
+    assert files_of(tmp_path / "chunks" / "out") == files_of(reference[path])
+    assert gathered, "no tensor was gathered"
+
+    def whole(t):
+        if isinstance(t, Deferred) and not (isinstance(t, pipeline.Lazy) and len(t.runs()) <= pipeline.MAX_RUNS):
+            t = t.materialize()
+        return real(t) if isinstance(t, pipeline.Lazy) else [tensor_bytes(t.contiguous())]
+    monkeypatch.setattr(pipeline, "tensor_parts", whole)
     code, _, err = convert(pristine, path, tmp_path / "out", "--workers", "2")
     assert code == 0, err
-    assert max(counts) >= 32  # a tensor was written as one piece per row: the piecewise writes ran
     assert files_of(tmp_path / "out") == files_of(reference[path])
 
 

@@ -1,22 +1,31 @@
 """Deferred tensors (neoxconv.lazy) and how their bytes are written (neoxconv.pipeline,
-ptio.ranges): a row-parallel merge (`Joined`) and split (a strided view) of mapped rank files are
-written piece by piece from the mapping, never built in memory, and give the bytes torch.cat and
-torch.chunk give. Pure reshuffles: compared bit for bit."""
+ptio.ranges): a row-parallel merge (`Joined`), a split (a strided view) and rows permuted one by
+one are gathered a chunk at a time from the mapped rank files, never built whole in memory, and
+give the bytes torch.cat, torch.chunk and indexing give. Pure reshuffles: compared bit for bit."""
 
 from __future__ import annotations
 
 import os
 import platform
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import neoxconv.ptio.ranges as ranges
 from neoxconv.lazy import Joined, Lazy
-from neoxconv.pipeline import MIN_PIECE, tensor_parts
+from neoxconv.pipeline import tensor_parts
 from neoxconv.ptio import FileRange, index_safetensors
-from neoxconv.ptio.ranges import IOV_MAX, WRITE_PIECE, MappedFile, packed_from, populate, pwritev_all, row_views
+from neoxconv.ptio.ranges import Gathered, MappedFile, populate
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 4 KiB: every gathered tensor here spans many."""
+    monkeypatch.setattr(ranges, "GATHER", 4096)
+    monkeypatch.setattr(ranges, "_local", threading.local())
 
 
 def _bytes(parts: list) -> bytes:
@@ -26,6 +35,11 @@ def _bytes(parts: list) -> bytes:
             with open(p.path, "rb") as f:
                 f.seek(p.offset)
                 out += f.read(p.nbytes)
+        elif isinstance(p, Gathered):
+            chunks = [bytes(c) for c in p.chunks()]
+            assert all(len(c) <= max(ranges.GATHER, p.row_bytes) for c in chunks)
+            assert sum(map(len, chunks)) == p.nbytes
+            out += b"".join(chunks)
         else:
             out += bytes(p)
     return out
@@ -49,28 +63,22 @@ def ranks(tmp_path: Path) -> tuple[list[Lazy], list[torch.Tensor], MappedFile]:
     return lazies, real, mapped
 
 
-def _inside(view: memoryview, mapped: MappedFile) -> bool:
-    base = torch.frombuffer(mapped._mm, dtype=torch.uint8).data_ptr()
-    at = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
-    return base <= at and at + view.nbytes <= base + mapped.size
-
-
-def test_a_merge_on_dim_1_is_joined_and_written_from_the_mapping(ranks):
-    lazies, real, mapped = ranks
+def test_a_merge_on_dim_1_is_joined_and_gathered_from_the_mapping(ranks):
+    lazies, real, _ = ranks
     merged = torch.cat(lazies, dim=1)
     assert isinstance(merged, Joined)
     assert merged.shape == (64, 2048) and merged.dtype == torch.float16
     expected = torch.cat(real, dim=1)
     assert torch.equal(merged.materialize(), expected)
     parts = tensor_parts(merged)
-    assert len(parts) == 2 * 64  # each row: rank 0's block, then rank 1's
-    assert all(isinstance(p, memoryview) and _inside(p, mapped) for p in parts)
+    assert len(parts) == 1 and isinstance(parts[0], Gathered)
+    assert parts[0].nbytes == expected.numel() * 2 and parts[0].rows == 64
     assert _bytes(parts) == _raw(expected)
 
 
 def test_a_split_of_a_merge_narrows_its_parts(ranks):
     """tp 2 -> tp 4: each new rank's block is a view of one old rank: nothing is merged."""
-    lazies, real, mapped = ranks
+    lazies, real, _ = ranks
     merged = torch.cat(lazies, dim=1)
     expected = torch.cat(real, dim=1)
     for chunks in (1, 2, 3, 4, 8):
@@ -82,7 +90,7 @@ def test_a_split_of_a_merge_narrows_its_parts(ranks):
             assert _bytes(tensor_parts(g)) == _raw(w)
     quarter = merged.chunk(4, dim=1)[1]  # inside rank 0: a strided view of its mapping
     assert isinstance(quarter, torch.Tensor) and not quarter.is_contiguous()
-    assert all(_inside(p, mapped) for p in tensor_parts(quarter))
+    assert isinstance(tensor_parts(quarter)[0], Gathered)
     straddling = merged.narrow(1, 900, 400)  # across the two ranks: joined again
     assert isinstance(straddling, Joined) and len(straddling.parts) == 2
     assert _bytes(tensor_parts(straddling)) == _raw(expected.narrow(1, 900, 400))
@@ -111,55 +119,27 @@ def test_mismatched_or_planning_tensors_are_not_joined():
     assert isinstance(torch.cat([a, a], dim=0), Lazy)  # dim 0 stays rows
 
 
-def test_short_pieces_are_gathered_once(ranks):
-    """Pieces under MIN_PIECE bytes cost more to write one by one than to gather."""
-    lazies, real, _ = ranks
-    thin = [t.narrow(1, 0, MIN_PIECE // 4) for t in real]  # 256 bytes a row
-    merged = torch.cat([Lazy.leaf(t.contiguous()) for t in thin], dim=1)
-    parts = tensor_parts(merged)
-    assert len(parts) == 1 and _bytes(parts) == _raw(torch.cat(thin, dim=1))
-
-
-def test_row_views_of_strided_tensors():
+def test_strided_tensors_of_any_shape_are_gathered_in_order():
     t = torch.arange(2 * 6 * 8 * 4, dtype=torch.int16).reshape(2, 6, 8, 4)
-    for view in (t[:, 2:4], t[:, :, 3:5], t.narrow(0, 1, 1), t[:, 1::2]):
-        lead = packed_from(view)
-        rows = row_views(view, lead)
-        assert rows is not None and b"".join(bytes(r) for r in rows) == _raw(view)
-    assert packed_from(t) == 0 and packed_from(t[:, 2:4]) == 1 and packed_from(t[:, :, 3:5]) == 2
-    assert row_views(t.transpose(2, 3), 2) is None  # the last dims are not one run
-    assert packed_from(t.transpose(2, 3)) == 4
+    for view in (t[:, 2:4], t[:, :, 3:5], t[:, 1::2], t.transpose(2, 3), t[:, :, :, 1]):
+        parts = tensor_parts(view)
+        assert isinstance(parts[0], Gathered) and _bytes(parts) == _raw(view)
+    wide = torch.arange(3 * 5000, dtype=torch.float32).reshape(3, 5000)[:, 1:]  # a row > GATHER
+    assert _bytes(tensor_parts(wide)) == _raw(wide)
+    assert _bytes(tensor_parts(torch.arange(10)[::2])) == _raw(torch.arange(10)[::2])
 
 
-def test_many_short_lazy_runs_are_written_from_the_mapping(ranks):
-    """A per-row permutation (rotary for Meta files): more runs than FileRanges are worth, each
-    a view of the mapped rows."""
-    lazies, real, mapped = ranks
+def test_many_short_lazy_runs_are_gathered_from_the_mapping(ranks):
+    """A per-row permutation (rotary for Meta files): more runs than FileRanges are worth."""
+    lazies, real, _ = ranks
     order = torch.randperm(64, generator=torch.Generator().manual_seed(2)).tolist()
-    rows = torch.stack([lazies[r][i] for r in (0, 1) for i in order])
+    rows = torch.stack([lazies[0][i] for i in order + order])
     assert isinstance(rows, Lazy) and len(rows.runs()) > 64
     parts = tensor_parts(rows)
-    assert all(isinstance(p, memoryview) and _inside(p, mapped) for p in parts)
-    assert _bytes(parts) == _raw(torch.cat([real[0][order], real[1][order]]))
-
-
-def test_pwritev_all_writes_every_buffer_in_order(tmp_path):
-    gen = torch.Generator().manual_seed(1)
-    small = [torch.randint(0, 255, (int(n),), dtype=torch.uint8, generator=gen)
-             for n in torch.randint(1, 3000, (3 * IOV_MAX,), generator=gen)]
-    big = torch.randint(0, 255, (WRITE_PIECE * 2 + 7,), dtype=torch.uint8, generator=gen)
-    buffers = [*small[:IOV_MAX], big, *small[IOV_MAX:]]
-    views = [memoryview(b.numpy()) for b in buffers]
-    path = tmp_path / "out"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, b"head", 0)
-        n = pwritev_all(fd, views, 4)
-    finally:
-        os.close(fd)
-    expected = b"".join(bytes(v) for v in views)
-    assert n == len(expected)
-    assert path.read_bytes() == b"head" + expected
+    assert len(parts) == 1 and isinstance(parts[0], Gathered)
+    assert _bytes(parts) == _raw(torch.cat([real[0][order], real[0][order]]))
+    two = torch.stack([lazies[r][i] for r in (0, 1) for i in order])  # two sources: one gathering copy
+    assert _bytes(tensor_parts(two)) == _raw(torch.cat([real[0][order], real[1][order]]))
 
 
 def _mapped_kib(address: int) -> int:
@@ -176,7 +156,7 @@ def _mapped_kib(address: int) -> int:
 
 
 def test_populate_maps_a_mapped_range_in_at_once(tmp_path):
-    """Before pieces are written from a mapped file its pages are mapped in with one madvise
+    """Before a tensor is gathered from a mapped file its pages are mapped in with one madvise
     (Linux 5.14+, which the project's machines run)."""
     major, minor = (int(x) for x in platform.release().split(".")[:2])
     assert (major, minor) >= (5, 14)
@@ -185,6 +165,6 @@ def test_populate_maps_a_mapped_range_in_at_once(tmp_path):
     mapped = MappedFile(path)
     t = torch.frombuffer(mapped._mm, dtype=torch.uint8)[4097:(6 << 20) + 5]  # not page-aligned
     assert _mapped_kib(t.data_ptr()) < 1024  # a fresh mapping: (next to) nothing mapped in yet
-    assert populate(t)
-    assert _mapped_kib(t.data_ptr()) >= 6 * 1024 - 8  # the whole range
+    assert populate(t.reshape(-1, 2)[:, 0])  # a strided view: its whole span
+    assert _mapped_kib(t.data_ptr()) >= 6 * 1024 - 8
     assert not populate(torch.empty(0))

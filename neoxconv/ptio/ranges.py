@@ -5,8 +5,8 @@
   `torch.load(mmap=True)` gives.
 - `read_tensor(fd, record)`: an owned, contiguous copy read with `os.preadv` (one copy, no
   mapping), for data that will be rearranged anyway.
-- `row_views(...)`, `pwritev_all(...)`: a tensor's rows as views of its memory (the blocks of a
-  row-parallel merge or split, straight from the mapped source), written in few `pwritev` calls.
+- `Gathered`: the bytes of a rearranged tensor (a row-parallel merge or split, permuted rows),
+  made a chunk at a time in a small reused buffer, never whole in memory.
 - `copy_range(...)`: bytes that do not change go file to file with `os.copy_file_range` (in the
   kernel; no user-space copy at all), falling back to `os.pread`/`os.pwrite` in 8 MiB chunks where
   the file systems refuse. (`sendfile` writes at the destination's file position, which
@@ -24,6 +24,7 @@ import errno
 import mmap
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -37,7 +38,6 @@ CHUNK = 8 << 20
 # in 1 MiB calls (1.34 GB of merged matrices: 4-13 s vs 0.45 s), 128 KiB calls no less than 1 MiB.
 # benchmarks/convert_speed.py --io-primitives measures it.
 WRITE_PIECE = 1 << 20
-IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
@@ -125,91 +125,61 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         done += os.pwrite(fd, mv[done:done + WRITE_PIECE], offset + done)
 
 
-def pwritev_all(fd: int, views: list, offset: int) -> int:
-    """Write byte buffers one after another from `offset` (the pieces of one tensor: blocks of a
-    merge, rows of a split, views of mapped source files): os.pwritev of up to IOV_MAX buffers and
-    about WRITE_PIECE bytes per call, so the kernel copies each byte once, straight from where it
-    is. Returns the bytes written."""
-    batch: list = []
-    size = at = 0
+class Gathered:
+    """The bytes of a tensor that is neither a run of source rows nor contiguous memory (a
+    row-parallel merge not yet done, a strided split, rows permuted one by one), made about
+    GATHER bytes at a time in a small buffer that each writing thread reuses: the tensor is never
+    whole in memory, and each byte is copied once into a buffer that stays in the CPU cache and
+    once by the kernel into the file (allocating the whole tensor instead costs a first touch of
+    new memory, ~0.9 s/GB on the project machine).
 
-    def flush() -> None:
-        nonlocal batch, size, at
-        if batch:
-            n = os.pwritev(fd, batch, offset + at)
-            if n < size:  # a short write (rare on regular files): the rest one buffer at a time
-                skip = n
-                for b in batch:
-                    if skip >= b.nbytes:
-                        skip -= b.nbytes
-                        continue
-                    pwrite_all(fd, b[skip:], offset + at + n)
-                    n += b.nbytes - skip
-                    skip = 0
-            at += size
-            batch, size = [], 0
+    `rows` rows of `row_bytes` bytes; `fill(r0, r1, out)` puts rows r0..r1 into `out`, a uint8
+    tensor of (r1 - r0) * row_bytes; `sources` (tensors it reads) are `populate`d first."""
 
-    for v in views:
-        v = memoryview(v).cast("B")
-        if v.nbytes >= WRITE_PIECE:
-            flush()
-            pwrite_all(fd, v, offset + at)
-            at += v.nbytes
-            continue
-        if size + v.nbytes > WRITE_PIECE or len(batch) == IOV_MAX:
-            flush()
-        batch.append(v)
-        size += v.nbytes
-    flush()
-    return at
+    def __init__(self, rows: int, row_bytes: int, fill, sources=()):
+        self.rows, self.row_bytes, self.fill, self.sources = rows, row_bytes, fill, tuple(sources)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    def chunks(self):
+        """The bytes in order, as views of the thread's buffer, each valid until the next."""
+        for t in self.sources:
+            populate(t)
+        step = max(1, GATHER // max(1, self.row_bytes))
+        buf = _buffer(step * self.row_bytes)
+        for r0 in range(0, self.rows, step):
+            r1 = min(self.rows, r0 + step)
+            out = buf[:(r1 - r0) * self.row_bytes]
+            self.fill(r0, r1, out)
+            yield memoryview(out.numpy())
 
 
-def row_views(t: torch.Tensor, lead: int) -> list[memoryview] | None:
-    """The bytes of a CPU tensor as one view per index of its first `lead` dims (row-major
-    order), without a copy, for writing now (its memory is `populate`d); None when dims `lead`..
-    are not packed in memory (such a block is not one run of bytes)."""
-    expect = 1
-    for size, stride in zip(reversed(t.shape[lead:]), reversed(t.stride()[lead:]), strict=True):
-        if size != 1 and stride != expect:
-            return None
-        expect *= size
-    if t.numel() == 0:
-        return []
-    offsets = torch.zeros((), dtype=torch.long)
-    for size, stride in zip(t.shape[:lead], t.stride()[:lead], strict=True):
-        offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
-    offsets = offsets.reshape(-1)
-    span = int(offsets.max()) + expect
-    flat = t.as_strided((span,), (1,), t.storage_offset())
-    populate(flat)
-    mv = memoryview(flat.view(torch.uint8).numpy()).cast("B")
-    k, row = t.element_size(), expect * t.element_size()
-    return [mv[o * k:o * k + row] for o in offsets.tolist()]
+GATHER = 1 << 20
+_local = threading.local()
 
 
-def packed_from(t: torch.Tensor) -> int:
-    """The first dim from which t's dims are packed in memory (0: contiguous)."""
-    expect, lead = 1, t.dim()
-    for size, stride in zip(reversed(t.shape), reversed(t.stride()), strict=True):
-        if size != 1 and stride != expect:
-            break
-        expect *= size
-        lead -= 1
-    return lead
+def _buffer(nbytes: int) -> torch.Tensor:
+    """This thread's gather buffer, at least nbytes."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _local.buf = torch.empty(max(nbytes, GATHER), dtype=torch.uint8)
+    return buf
 
 
 def populate(t: torch.Tensor) -> bool:
-    """Map in the pages of a contiguous CPU tensor now (madvise MADV_POPULATE_READ, Linux 5.14+;
-    elsewhere nothing), before its bytes are written from it. For a view of a mapped source file,
-    a write from pages not yet mapped into the process takes the kernel's slow path page by page:
-    on the project machine that costs about twice the CPU of populating first (measured: 0.71 GB
-    from mapped layer files in 8 KiB pieces, 0.50 s vs 0.28 s system time). Returns whether the
-    kernel did it."""
+    """Map in the pages of a CPU tensor's memory span now (madvise MADV_POPULATE_READ, Linux 5.14+;
+    elsewhere nothing), before it is read: one call instead of a page fault per few pages of a
+    mapped source file (and writes straight from such pages take the kernel's slow path: 0.50 s
+    vs 0.28 s system time for 0.71 GB of mapped layer files on the project machine). Returns
+    whether the kernel did it."""
     if t.numel() == 0 or _madvise is None:
         return False
     start = t.data_ptr()
     lo = start - start % mmap.PAGESIZE
-    nbytes = start + t.numel() * t.element_size() - lo
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
+    nbytes = start + span * t.element_size() - lo
     return _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(nbytes), _MADV_POPULATE_READ) == 0
 
 
@@ -265,10 +235,14 @@ class PositionalOutput:
         self._io(pwrite_all, self._fd, data, offset)
         self._wrote(offset, memoryview(data).nbytes)
 
-    def _pwritev(self, views: list, offset: int) -> None:
-        """Buffers one after another from `offset` (see pwritev_all)."""
-        if views:
-            self._wrote(offset, self._io(pwritev_all, self._fd, views, offset))
+    def _pwrite_gathered(self, part: Gathered, offset: int, each=None) -> None:
+        """A Gathered part from `offset`, chunk by chunk; `each(chunk)` sees every chunk first."""
+        for chunk in part.chunks():
+            if each is not None:
+                each(chunk)
+            self._pwrite(chunk, offset)
+            offset += chunk.nbytes
+
 
     def _wrote(self, offset: int, nbytes: int) -> None:
         if self._on_write is not None and nbytes:

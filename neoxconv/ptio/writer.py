@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from neoxconv.ptio.index import StorageRecord, TensorRecord, storage_classes
-from neoxconv.ptio.ranges import MappedFile, PositionalOutput, copy_range, crc32
+from neoxconv.ptio.ranges import Gathered, MappedFile, PositionalOutput, copy_range, crc32
 from neoxconv.ptio.zipformat import DESCRIPTOR_SIG, central_directory, layout, serialization_id
 
 PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
@@ -282,9 +282,9 @@ class PtWriter(PositionalOutput):
         concatenated (e.g. a dim-0 merge of ranks: ranges of several source files)."""
         rec = self._recs[st.key]
         entry = self._entries[rec.index]
-        parts = [p if isinstance(p, FileRange) else _raw_bytes(p)
+        parts = [p if isinstance(p, (FileRange, Gathered)) else _raw_bytes(p)
                  for p in (data if isinstance(data, (list, tuple)) else [data])]
-        sizes = [p.nbytes if isinstance(p, FileRange) else len(p) for p in parts]
+        sizes = [p.nbytes if isinstance(p, (FileRange, Gathered)) else len(p) for p in parts]
         if sum(sizes) != rec.nbytes:
             raise ValueError(f"data/{st.key} needs {rec.nbytes} bytes, got {sum(sizes)}")
         with self._lock:
@@ -293,11 +293,8 @@ class PtWriter(PositionalOutput):
             self._claimed.add(st.key)
         self._pwrite(entry.header, entry.header_offset)
         crc, head, at = 0, b"", entry.data_offset
-        start, memory = at, []  # consecutive parts in memory, written together
         for part, n in zip(parts, sizes, strict=True):
             if isinstance(part, FileRange):
-                self._pwritev(memory, start)
-                start, memory = at + n, []
                 whole = len(parts) == 1 and part.crc32 is not None  # the CRC of the source record
                 if whole:
                     crc = part.crc32
@@ -314,13 +311,17 @@ class PtWriter(PositionalOutput):
                 finally:
                     os.close(fd)
                 self._wrote(at, n)
+            elif isinstance(part, Gathered):
+                def each(chunk):
+                    nonlocal crc, head
+                    crc = crc32(chunk, crc)
+                    head += bytes(chunk[:8 - len(head)])
+                self._pwrite_gathered(part, at, each)
             else:
                 crc = crc32(part, crc)
-                if len(head) < 8:
-                    head += bytes(part[:8 - len(head)])
-                memory.append(part)
+                head += bytes(part[:8 - len(head)])
+                self._pwrite(part, at)
             at += n
-        self._pwritev(memory, start)
         self._pwrite(entry.descriptor(crc), entry.data_offset + entry.size)
         with self._lock:
             rec.crc, rec.words = crc, _descriptor_words(entry, head, crc)
