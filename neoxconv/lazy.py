@@ -201,7 +201,7 @@ class Joined(Deferred):
         return torch.cat([_real(p) for p in self.parts], self.axis)
 
     def narrow(self, dim: int, start: int, length: int):
-        if (dim + self.dim() if dim < 0 else dim) != self.axis:
+        if (dim + self.dim() if dim < 0 else dim) != self.axis or length <= 0:
             return self.materialize().narrow(dim, start, length)
         out, at = [], 0
         for p in self.parts:

@@ -311,7 +311,10 @@ def _hash_range(f: _File, upto: int | None) -> int:
     range, populated in one call (MAP_POPULATE), which saves copying them out with pread."""
     fd = os.open(f.path, os.O_RDONLY)
     try:
-        end = os.fstat(fd).st_size if upto is None else upto
+        size = os.fstat(fd).st_size
+        end = size if upto is None else upto
+        if end > size:  # (a mapping read beyond the end of a file would kill the process)
+            raise OSError(f"{f.path}: ends at {size} bytes, {end} were written")
         if end <= f.hashed:
             return f.hashed
         base = f.hashed - f.hashed % mmap.ALLOCATIONGRANULARITY

@@ -95,6 +95,7 @@ def test_a_split_of_a_merge_narrows_its_parts(ranks):
     assert isinstance(straddling, Joined) and len(straddling.parts) == 2
     assert _bytes(tensor_parts(straddling)) == _raw(expected.narrow(1, 900, 400))
     assert torch.equal(merged.split([100, 1948], dim=1)[1].materialize(), expected[:, 100:])
+    assert merged.narrow(1, 5, 0).shape == (64, 0)
 
 
 def test_other_ops_on_a_joined_run_on_the_real_tensor(ranks):

@@ -161,10 +161,12 @@ _local = threading.local()
 
 
 def _buffer(nbytes: int) -> torch.Tensor:
-    """This thread's gather buffer, at least nbytes."""
+    """This thread's gather buffer of GATHER bytes; a buffer of its own for one larger row."""
+    if nbytes > GATHER:
+        return torch.empty(nbytes, dtype=torch.uint8)
     buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _local.buf = torch.empty(max(nbytes, GATHER), dtype=torch.uint8)
+    if buf is None or buf.numel() != GATHER:
+        buf = _local.buf = torch.empty(GATHER, dtype=torch.uint8)
     return buf
 
 
