@@ -89,7 +89,7 @@ def _gathered_join(t: Joined) -> Gathered:
         for f, w in zip(flat, widths, strict=True):
             dst[:, at:at + w].copy_(f[r0:r1])
             at += w
-    return Gathered(rows, total * t.dtype.itemsize, fill, parts)
+    return Gathered(rows, total * t.dtype.itemsize, fill)
 
 
 def _gathered_rows(t: Lazy) -> Gathered | memoryview:
@@ -102,7 +102,7 @@ def _gathered_rows(t: Lazy) -> Gathered | memoryview:
 
     def fill(r0: int, r1: int, out: torch.Tensor) -> None:
         torch.index_select(table, 0, index[r0:r1], out=out.view(t.dtype).view(r1 - r0, table.shape[1]))
-    return Gathered(index.numel(), src.row_bytes, fill, [src.tensor])
+    return Gathered(index.numel(), src.row_bytes, fill)
 
 
 def write_tensor(writer, out: OutFile, key: str, t) -> int:

@@ -5,8 +5,6 @@ give the bytes torch.cat, torch.chunk and indexing give. Pure reshuffles: compar
 
 from __future__ import annotations
 
-import os
-import platform
 import threading
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import neoxconv.ptio.ranges as ranges
 from neoxconv.lazy import Joined, Lazy
 from neoxconv.pipeline import tensor_parts
 from neoxconv.ptio import FileRange, index_safetensors
-from neoxconv.ptio.ranges import Gathered, MappedFile, populate
+from neoxconv.ptio.ranges import Gathered, MappedFile
 
 
 @pytest.fixture(autouse=True)
@@ -141,31 +139,3 @@ def test_many_short_lazy_runs_are_gathered_from_the_mapping(ranks):
     assert _bytes(parts) == _raw(torch.cat([real[0][order], real[0][order]]))
     two = torch.stack([lazies[r][i] for r in (0, 1) for i in order])  # two sources: one gathering copy
     assert _bytes(tensor_parts(two)) == _raw(torch.cat([real[0][order], real[1][order]]))
-
-
-def _mapped_kib(address: int) -> int:
-    """Rss (KiB) of the mapping of this process that holds `address` (/proc/self/smaps)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "Rss:":
-            return int(line.split()[1])
-    raise AssertionError("no mapping holds the address")
-
-
-def test_populate_maps_a_mapped_range_in_at_once(tmp_path):
-    """Before a tensor is gathered from a mapped file its pages are mapped in with one madvise
-    (Linux 5.14+, which the project's machines run)."""
-    major, minor = (int(x) for x in platform.release().split(".")[:2])
-    assert (major, minor) >= (5, 14)
-    path = tmp_path / "data"
-    path.write_bytes(os.urandom(8 << 20))
-    mapped = MappedFile(path)
-    t = torch.frombuffer(mapped._mm, dtype=torch.uint8)[4097:(6 << 20) + 5]  # not page-aligned
-    assert _mapped_kib(t.data_ptr()) < 1024  # a fresh mapping: (next to) nothing mapped in yet
-    assert populate(t.reshape(-1, 2)[:, 0])  # a strided view: its whole span
-    assert _mapped_kib(t.data_ptr()) >= 6 * 1024 - 8
-    assert not populate(torch.empty(0))

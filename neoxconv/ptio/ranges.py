@@ -19,11 +19,9 @@ All of these release the GIL in the kernel or in zlib-ng, so worker threads over
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -134,10 +132,10 @@ class Gathered:
     new memory, ~0.9 s/GB on the project machine).
 
     `rows` rows of `row_bytes` bytes; `fill(r0, r1, out)` puts rows r0..r1 into `out`, a uint8
-    tensor of (r1 - r0) * row_bytes; `sources` (tensors it reads) are `populate`d first."""
+    tensor of (r1 - r0) * row_bytes."""
 
-    def __init__(self, rows: int, row_bytes: int, fill, sources=()):
-        self.rows, self.row_bytes, self.fill, self.sources = rows, row_bytes, fill, tuple(sources)
+    def __init__(self, rows: int, row_bytes: int, fill):
+        self.rows, self.row_bytes, self.fill = rows, row_bytes, fill
 
     @property
     def nbytes(self) -> int:
@@ -145,8 +143,6 @@ class Gathered:
 
     def chunks(self):
         """The bytes in order, as views of the thread's buffer, each valid until the next."""
-        for t in self.sources:
-            populate(t)
         step = max(1, GATHER // max(1, self.row_bytes))
         buf = _buffer(step * self.row_bytes)
         for r0 in range(0, self.rows, step):
@@ -168,34 +164,6 @@ def _buffer(nbytes: int) -> torch.Tensor:
     if buf is None or buf.numel() != GATHER:
         buf = _local.buf = torch.empty(GATHER, dtype=torch.uint8)
     return buf
-
-
-def populate(t: torch.Tensor) -> bool:
-    """Map in the pages of a CPU tensor's memory span now (madvise MADV_POPULATE_READ, Linux 5.14+;
-    elsewhere nothing), before it is read: one call instead of a page fault per few pages of a
-    mapped source file (and writes straight from such pages take the kernel's slow path: 0.50 s
-    vs 0.28 s system time for 0.71 GB of mapped layer files on the project machine). Returns
-    whether the kernel did it."""
-    if t.numel() == 0 or _madvise is None:
-        return False
-    start = t.data_ptr()
-    lo = start - start % mmap.PAGESIZE
-    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
-    nbytes = start + span * t.element_size() - lo
-    return _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(nbytes), _MADV_POPULATE_READ) == 0
-
-
-def _libc_madvise():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-_MADV_POPULATE_READ = 22
-_madvise = _libc_madvise() if sys.platform == "linux" else None
 
 
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int, kernel: bool = True) -> str:
