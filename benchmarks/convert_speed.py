@@ -401,7 +401,7 @@ def growth_table(results: dict[int, dict[str, dict]], lo: int, hi: int) -> str:
             continue
         a, b = results[lo][name], results[hi][name]
         grow = b["source_bytes"] / a["source_bytes"]
-        g = lambda k: f"{b[k] / a[k]:.2f}×" if a[k] else "–"  # noqa: E731 (cp -r's user CPU rounds to 0)
+        g = lambda k: f"{b[k] / a[k]:.2f}×" if a[k] and b[k] else "–"  # noqa: E731 (cp -r's user CPU rounds to 0)
         ratio = f"{b['user'] / a['user'] / grow:.2f}" if a["user"] else "–"
         lines.append(f"| {name} | {grow:.2f}× | {g('s')} / {g('cpu')} / {g('user')} | "
                      f"{g('cp_s')} / {g('cp_cpu')} / {g('cp_user')} | {ratio} |")

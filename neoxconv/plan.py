@@ -117,8 +117,11 @@ class Plan:
         return self.outputs(group, self.load(group))
 
     def memory(self, workers: int) -> int:
-        """Predicted peak of computed tensors in memory: the `workers` largest jobs at once, each
-        holding its computed outputs and the gathered inputs they come from (x2)."""
+        """Predicted peak of computed tensors in memory, an upper bound: the `workers` largest
+        jobs at once, each holding its computed outputs and the inputs they come from (x2). Planned
+        from headers, a tensor that is only rearranged (a row-parallel merge or split, permuted
+        rows) counts as computed, though the run gathers it through a 1 MiB buffer per worker
+        (neoxconv.pipeline.tensor_parts)."""
         per_job = sorted((2 * j.computed for j in self.jobs), reverse=True)
         return sum(per_job[:max(1, workers)])
 
