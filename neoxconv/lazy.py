@@ -150,15 +150,15 @@ class Deferred:
         return self.materialize().numpy()
 
     # arithmetic and comparisons: on the real tensor
-    def __add__(self, o): return self.materialize() + _real(o)  # noqa: E704
-    def __radd__(self, o): return _real(o) + self.materialize()  # noqa: E704
-    def __sub__(self, o): return self.materialize() - _real(o)  # noqa: E704
-    def __rsub__(self, o): return _real(o) - self.materialize()  # noqa: E704
-    def __mul__(self, o): return self.materialize() * _real(o)  # noqa: E704
-    def __rmul__(self, o): return _real(o) * self.materialize()  # noqa: E704
-    def __truediv__(self, o): return self.materialize() / _real(o)  # noqa: E704
+    def __add__(self, o): return self.materialize() + real(o)  # noqa: E704
+    def __radd__(self, o): return real(o) + self.materialize()  # noqa: E704
+    def __sub__(self, o): return self.materialize() - real(o)  # noqa: E704
+    def __rsub__(self, o): return real(o) - self.materialize()  # noqa: E704
+    def __mul__(self, o): return self.materialize() * real(o)  # noqa: E704
+    def __rmul__(self, o): return real(o) * self.materialize()  # noqa: E704
+    def __truediv__(self, o): return self.materialize() / real(o)  # noqa: E704
     def __neg__(self): return -self.materialize()  # noqa: E704
-    def __eq__(self, o): return self.materialize() == _real(o)  # noqa: E704
+    def __eq__(self, o): return self.materialize() == real(o)  # noqa: E704
     __hash__ = object.__hash__
 
 
@@ -198,7 +198,7 @@ class Joined(Deferred):
         return f"Joined({list(self.shape)}, {self.dtype}, {len(self.parts)} parts on dim {self.axis})"
 
     def materialize(self) -> torch.Tensor:
-        return torch.cat([_real(p) for p in self.parts], self.axis)
+        return torch.cat([real(p) for p in self.parts], self.axis)
 
     def narrow(self, dim: int, start: int, length: int):
         if (dim + self.dim() if dim < 0 else dim) != self.axis or length <= 0:
@@ -389,7 +389,8 @@ def _resolve(shape: tuple, numel: int) -> tuple[int, ...]:
     return shape
 
 
-def _real(x):
+def real(x):
+    """The real tensor of a Lazy or Joined; anything else as it is."""
     return x.materialize() if isinstance(x, Deferred) else x
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from neoxconv.lazy import Deferred, Lazy
+from neoxconv.lazy import Lazy, real
 
 Group = str | int
 GroupLoader = Callable[[Group], dict[str, torch.Tensor]]
@@ -120,7 +120,7 @@ class TensorMap:
     def load_group(self, group: Group) -> dict[str, torch.Tensor]:
         if self._cached is None or self._cached[0] != group:
             loaded = self.lazy_group(group)
-            self._cached = (group, {n: t.materialize() if isinstance(t, Deferred) else t for n, t in loaded.items()})
+            self._cached = (group, {n: real(t) for n, t in loaded.items()})
         return self._cached[1]
 
     def release(self) -> None:
